@@ -1,0 +1,1 @@
+"""pdmesh: prefill/decode-disaggregated LLM serving."""

@@ -1,0 +1,105 @@
+"""The `pdmesh` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from services.engine.errors import CheckpointError, RequestError
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from services.engine import LLM, SamplingParams
+    from services.engine.tiny_model import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    llm = LLM(model, device=args.device, dtype=args.dtype, progress=not args.json)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+    )
+    if args.chat:
+        prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in args.prompt]
+    else:
+        prompts = [llm.tokenizer.encode(p) for p in args.prompt]
+    for prompt, out in zip(args.prompt, llm.generate(prompts, params), strict=True):
+        if args.json:
+            record = {
+                "prompt": prompt,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": len(out.prompt_token_ids),
+            }
+            print(json.dumps(record))
+        else:
+            print(f"--- {prompt!r} ({out.finish_reason}, {len(out.token_ids)} tokens)\n{out.text}")
+
+
+def _make_tiny_model(args: argparse.Namespace) -> None:
+    from services.engine.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.dir, args.arch, seed=args.seed)
+    print(f"wrote a tiny random {args.arch} checkpoint to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdmesh", description="Prefill/decode-disaggregated LLM serving.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text offline with the engine")
+    gen.add_argument(
+        "--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)"
+    )
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user message in the chat template"
+    )
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="a stop string; repeatable")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    gen.add_argument("--json", action="store_true", help="print one JSON record per prompt")
+    gen.set_defaults(func=_generate)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint (for tests and demos)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"])
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (CheckpointError, RequestError, ValueError) as e:
+        print(f"pdmesh {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The worker engine shared by prefill, decode and colocated workers."""
+
+from __future__ import annotations
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine, RequestOutput, Reservation
+from services.engine.errors import CheckpointError, RequestError
+from services.engine.llm import LLM, Completion
+from services.engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CheckpointError",
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "RequestError",
+    "RequestOutput",
+    "Reservation",
+    "SamplingParams",
+]

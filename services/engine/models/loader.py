@@ -1,0 +1,133 @@
+"""Build a model from a local Hugging Face checkpoint directory, copying each tensor straight into its parameter."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from services.engine.errors import CheckpointError
+from services.engine.model_config import ModelConfig
+from services.engine.models.dense import DenseForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": DenseForCausalLM,
+    "qwen2": DenseForCausalLM,
+    "qwen3": DenseForCausalLM,
+}
+# tensors some checkpoints carry that the engine recomputes
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(
+                f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}"
+            ) from e
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard files that are missing: {', '.join(missing)}.")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{path}: no *.safetensors weights found (other weight formats are not supported)."
+        )
+    return files
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = True
+) -> nn.Module:
+    with torch.device(device), _default_dtype(dtype):
+        model = MODEL_CLASSES[cfg.family](cfg)
+    load_weights(model, cfg, progress)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, cfg: ModelConfig, progress: bool = True) -> None:
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    loaded: set[tuple[str, str | None]] = set()
+    files = safetensors_files(cfg.path)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    with (
+        torch.no_grad(),
+        tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar,
+    ):
+        for file, handle in zip(files, handles, strict=True):
+            for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                bar.update()
+                if key.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    continue
+                name, shard = _target(key, packed)
+                param = params.get(name)
+                if param is None:
+                    raise CheckpointError(
+                        f"{file}: unexpected tensor '{key}' for {cfg.architecture} "
+                        f"(config.json describes a different model, or the checkpoint is not a {cfg.architecture})."
+                    )
+                dest = param.data
+                shards = getattr(param, "shards", None)
+                if shard is not None and shards is not None:
+                    offset, size = shards[shard]
+                    dest = dest.narrow(0, offset, size)
+                tensor = handle.get_tensor(key)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise CheckpointError(
+                        f"{file}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} "
+                        f"from config.json; the weights and config.json do not describe the same model."
+                    )
+                dest.copy_(tensor)
+                loaded.add((name, shard))
+    missing = []
+    for name, param in params.items():
+        shards = getattr(param, "shards", None)
+        for shard in shards or [None]:
+            if (name, shard) not in loaded:
+                missing.append(_checkpoint_name(name, shard, packed))
+    if missing:
+        raise CheckpointError(
+            f"{cfg.path}: missing weight(s) in {', '.join(f.name for f in files)}: {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            + "; the checkpoint is incomplete."
+        )
+
+
+def _target(key: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            module, shard = packed[part]
+            return ".".join([*parts[:i], module, *parts[i + 1 :]]), shard
+    return key, None
+
+
+def _checkpoint_name(name: str, shard: str | None, packed: dict[str, tuple[str, str]]) -> str:
+    if shard is None:
+        return name
+    original = next(k for k, (m, s) in packed.items() if s == shard and f".{m}." in f".{name}")
+    module = packed[original][0]
+    return name.replace(f".{module}.", f".{original}.")
