@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   site=""
   # A machine whose Python already has torch (say a CUDA build) keeps it: the virtualenv sees it.
   if "$PYTHON" -c "import torch" 2>/dev/null; then site="--system-site-packages"; fi
-  say "creating $VENV ${site:+(with the system's torch)}"
+  say "creating $VENV ${site:+(seeing the system torch)}"
   "$PYTHON" -m venv $site "$VENV"
 fi
 pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
