@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdmesh-setup
 PYTEST_ARGS ?=
+UP_ARGS ?=
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format proto clean
 
 setup: $(STAMP)
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/pdmesh generate --prompt "Hello from pdmesh" --prompt "The router decides" --max-tokens 32
+	$(BIN)/pdmesh up $(UP_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -26,6 +27,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix services tests bench
 	$(BIN)/ruff format services tests bench
+
+# regenerate the gRPC stubs next to the contract (committed, so installs need no protoc)
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/pdmesh/v1/worker.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -52,6 +52,33 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random {args.arch} checkpoint to {path}")
 
 
+def _worker(role: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import asyncio
+
+        from services.engine.tiny_model import default_model_dir
+        from services.worker.server import engine_config, serve, transfer_options
+
+        model = args.model or str(default_model_dir())
+        asyncio.run(serve(engine_config(args, role, model), args.host, args.port, transfer_options(args)))
+
+    return run
+
+
+def _router(args: argparse.Namespace) -> None:
+    from services.engine.tiny_model import default_model_dir
+    from services.router.server import router_config, run_router
+
+    config = router_config(args, args.model or str(default_model_dir()))
+    run_router(config, args.host, args.port, args.log_level.lower())
+
+
+def _up(args: argparse.Namespace) -> None:
+    from services.up import run_cluster
+
+    sys.exit(run_cluster(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdmesh", description="Prefill/decode-disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -77,6 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     gen.add_argument("--json", action="store_true", help="print one JSON record per prompt")
     gen.set_defaults(func=_generate)
+
+    from services.router.server import add_router_arguments
+    from services.up import add_up_arguments
+    from services.worker.server import add_worker_arguments
+
+    up = sub.add_parser(
+        "up", help="start a local cluster: a router and prefill + decode (or colocated) workers"
+    )
+    add_up_arguments(up)
+    up.set_defaults(func=_up)
+
+    router = sub.add_parser("router", help="run the OpenAI-compatible router in front of workers")
+    add_router_arguments(router)
+    router.set_defaults(func=_router)
+
+    for role, text in (
+        ("prefill", "run a prefill worker (gRPC): chunked prefill, KV pushed to decode workers"),
+        ("decode", "run a decode worker (gRPC): receives KV, streams tokens"),
+        ("colocated", "run a colocated worker (gRPC): prefill and decode in one engine"),
+    ):
+        worker = sub.add_parser(role, help=text)
+        add_worker_arguments(worker)
+        worker.set_defaults(func=_worker(role))
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random checkpoint (for tests and demos)")
     tiny.add_argument("dir")

@@ -29,6 +29,8 @@ def test_incremental_equals_full_decode(tiny_model: Path) -> None:
             d.add(t)
         full = tok.decode(ids)
         assert d.text == full or (full.endswith("\ufffd") and full.startswith(d.text))
+        d.flush()
+        assert d.text == full
 
 
 def test_stop_string_is_held_back_and_truncated(tiny_model: Path) -> None:

@@ -41,6 +41,13 @@ class IncrementalDetokenizer:
             self.text += full[len(known) :]
             self.prefix, self.read = self.read, len(self.ids)
 
+    def flush(self) -> None:
+        """At the end: take in text still held back as an incomplete character (decoded as U+FFFD)."""
+        if self.stopped_by is None and self.read < len(self.ids):
+            known = self._decode(self.ids[self.prefix : self.read])
+            self.text += self._decode(self.ids[self.prefix :])[len(known) :]
+            self.prefix = self.read = len(self.ids)
+
     def check_stop(self, new_chars: int, include_stop: bool) -> bool:
         """Look for a stop string in the tail that the last token could have completed; truncate the text."""
         if not self.stop:

@@ -93,6 +93,11 @@ class Engine:
             config.role,
         )
 
+    @property
+    def layout_fingerprint(self) -> str:
+        """What a peer must match to exchange KV with this engine (model, dtype, block and head shapes)."""
+        return self.kv_cache.layout.fingerprint(self.model_config.fingerprint)
+
     # ---- requests ----------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise RequestError for a request that can never be served as given."""
@@ -145,8 +150,9 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.monotonic()
         result = self.runner.run(batch)
-        self.scheduler.update(batch)
+        self.scheduler.update(batch, started)
         return [
             self._emit(seq, token, logprob)
             for seq, token, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True)
@@ -173,6 +179,8 @@ class Engine:
         if self.config.role == "prefill" and reason is None:
             reason = "prefilled"
         if reason is not None:
+            if reason != "prefilled":
+                detok.flush()
             self.scheduler.finish(seq, reason)
             if self.config.role != "prefill":
                 self._forget(seq.request_id)

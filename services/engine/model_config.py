@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,11 @@ class ModelConfig:
     checkpoint_dtype: str
     eos_token_ids: tuple[int, ...] = field(default=())
     bos_token_id: int | None = None
+    config_digest: str = ""  # hash of config.json: workers exchanging KV must serve the same model
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.architecture}:{self.config_digest}"
 
     @property
     def q_size(self) -> int:
@@ -71,7 +78,8 @@ class ModelConfig:
         cfg_file = path / "config.json"
         raw = _read_json(cfg_file, required=True)
         gen = _read_json(path / "generation_config.json", required=False)
-        return cls.from_dict(raw, path, gen)
+        digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12]
+        return dataclasses.replace(cls.from_dict(raw, path, gen), config_digest=digest)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], path: Path, gen: dict[str, Any] | None = None) -> ModelConfig:

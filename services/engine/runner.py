@@ -21,6 +21,7 @@ class ModelInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # rows of the hidden states whose logits are sampled (last token of a sequence)
     sampling_seqs: list[Sequence]
+    num_prompt_tokens: int  # rows at prompt positions
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(generator)
         self.num_computed_tokens = 0  # every token the model has run on, for accounting and tests
+        self.num_computed_prompt_tokens = 0  # of which prompt positions (a decode worker must compute none)
 
     def prepare(self, batch: Batch) -> ModelInputs:
         bs = self.block_size
@@ -52,7 +54,7 @@ class ModelRunner:
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         query_lens, seq_lens, sample_rows, sampling_seqs = [], [], [], []
-        row = 0
+        row = num_prompt_tokens = 0
         for item in batch.items:
             seq, start, n = item.seq, item.start, item.num_new_tokens
             pos = np.arange(start, start + n, dtype=np.int64)
@@ -62,6 +64,7 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
+            num_prompt_tokens += max(0, min(start + n, seq.prompt_len) - start)
             row += n
             if item.samples:
                 sample_rows.append(row - 1)
@@ -87,10 +90,12 @@ class ModelRunner:
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True),
             sampling_seqs=sampling_seqs,
+            num_prompt_tokens=num_prompt_tokens,
         )
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         self.num_computed_tokens += inputs.input_ids.numel()
+        self.num_computed_prompt_tokens += inputs.num_prompt_tokens
         return self.model(inputs.input_ids, inputs.positions, BoundAttention(self.backend, inputs.meta))
 
     @torch.inference_mode()

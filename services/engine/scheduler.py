@@ -85,8 +85,11 @@ class Scheduler:
         self.waiting.append(seq)
 
     def reserve(self, seq: Sequence) -> bool:
-        """Decode role: hold blocks for a prompt whose KV another worker will write. False if blocks are short."""
-        if not self.allocator.allocate_prompt(seq):
+        """Decode role: hold blocks for a prompt whose KV another worker will write. False if blocks or sequence
+        slots are short."""
+        if len(self.running) + len(self.parked) >= self.max_num_seqs or not self.allocator.allocate_prompt(
+            seq
+        ):
             return False
         seq.num_cached_tokens = seq.num_computed_tokens
         seq.status = SeqStatus.RESERVED
@@ -192,10 +195,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.stats.num_preemptions += 1
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: Batch, now: float) -> None:
         """After the model ran: the scheduled tokens' KV is now in the cache."""
         for item in batch.items:
             if item.seq.status is not SeqStatus.RUNNING:
                 continue
+            if item.seq.scheduled_time is None:
+                item.seq.scheduled_time = now
             item.seq.num_computed_tokens += item.num_new_tokens
             self.allocator.register_full_blocks(item.seq)

@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
+    scheduled_time: float | None = None  # first time any of its tokens ran
     first_token_time: float | None = None
 
     @classmethod

@@ -1,0 +1,55 @@
+"""The Colocated service: one engine prefills and decodes, streaming tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from pdmesh.v1 import worker_pb2 as pb
+from pdmesh.v1 import worker_pb2_grpc as pb_grpc
+
+from services.engine.async_engine import AsyncEngine
+from services.engine.engine import RequestOutput
+from services.engine.errors import RequestError
+from services.worker.convert import chunk_from_output, sampling_from_proto
+
+
+class ColocatedService(pb_grpc.ColocatedServicer):
+    def __init__(self, aengine: AsyncEngine) -> None:
+        self.aengine = aengine
+        self.engine = aengine.engine
+
+    async def Generate(
+        self, request: pb.ColocatedRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TokenChunk]:
+        rid = request.request_id
+        stream = self.aengine.open_stream(rid)
+        finished = False
+        try:
+            try:
+                params = sampling_from_proto(request.sampling)
+                await self.aengine.call(self.engine.add_request, rid, list(request.prompt_token_ids), params)
+            except RequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            arrival = time.monotonic()
+            first = True
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    await context.abort(grpc.StatusCode.INTERNAL, str(item))
+                out: RequestOutput = item
+                finished = out.finished
+                timings = None
+                if first:  # prefill and first token happen here: the whole time to first token is "prefill"
+                    timings = pb.Timings(prefill_ms=(time.monotonic() - arrival) * 1e3)
+                    first = False
+                yield chunk_from_output(out, timings)
+        finally:
+            self.aengine.close_stream(rid)
+            if not finished:
+                await asyncio.shield(self.aengine.call(self.engine.abort, rid))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=await self.aengine.call(self.engine.abort, request.request_id))

@@ -1,0 +1,1 @@
+"""The decode worker: reserves KV blocks, receives KV, streams tokens."""

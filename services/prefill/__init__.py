@@ -1,0 +1,1 @@
+"""The prefill worker: chunked prefill with KV pushed to decode workers."""

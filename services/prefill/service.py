@@ -1,0 +1,166 @@
+"""The Prefill service: chunked prefill that pushes each chunk's KV to the decode worker while computing the next.
+
+One `Prefill` call: check the destination's layout, run the prompt through the engine (prefill role), push
+completed blocks after every step, sample the first token, wait for the last byte to land, release the blocks,
+answer with the first token and timings. Any failure or cancellation aborts the request and waits until no KV
+write for it is in flight, so the decode worker can free its blocks safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from pdmesh.v1 import worker_pb2 as pb
+from pdmesh.v1 import worker_pb2_grpc as pb_grpc
+
+from services.engine.async_engine import AsyncEngine, EngineFailure
+from services.engine.engine import RequestOutput
+from services.engine.errors import RequestError
+from services.transfer.destination import KvDestination
+from services.transfer.mooncake_engine import TransferError
+from services.transfer.sender import KvSender
+from services.worker.convert import destination_from_proto, logprob_to_proto, sampling_from_proto
+
+log = logging.getLogger("pdmesh.prefill")
+TOMBSTONE_S = 300.0  # how long an aborted request id stays refused
+
+
+class PrefillService(pb_grpc.PrefillServicer):
+    def __init__(self, aengine: AsyncEngine, sender: KvSender) -> None:
+        self.aengine = aengine
+        self.engine = aengine.engine
+        self.sender = sender
+        self.block_size = self.engine.config.block_size
+        self._aborted: dict[str, float] = {}  # request id -> when; an Abort may overtake its Prefill
+
+    # ---- engine thread -----------------------------------------------------------------------------------
+    def _start(
+        self, request_id: str, prompt: list[int], params, destination: KvDestination, checksum: bool
+    ) -> None:
+        if request_id in self._aborted:
+            raise RequestError(f"request {request_id} was aborted.")
+        self.engine.add_request(request_id, prompt, params)
+        try:
+            self.sender.begin(request_id, destination, len(prompt), checksum)
+        except ValueError as e:
+            self.engine.abort(request_id)
+            raise RequestError(str(e)) from e
+
+    def after_step(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread, after every step: push the blocks each prompt completed; close finished prompts."""
+        finished = {o.request_id: o for o in outputs if o.finished}
+        ready: dict[str, tuple[list[int], int]] = {}
+        for request_id in list(self.sender.requests):
+            seq = self.engine.seqs.get(request_id)
+            if seq is None:
+                continue
+            out = finished.get(request_id)
+            if out is None:
+                ready[request_id] = (seq.block_ids, seq.num_computed_tokens // self.block_size)
+            elif out.finish_reason == "prefilled":  # the partial last block goes too
+                ready[request_id] = (seq.block_ids, len(seq.block_ids))
+        self.sender.push_ready(ready)
+        for request_id in finished:
+            seq = self.engine.seqs.get(request_id)
+            if seq is not None and request_id in self.sender.requests:
+                self.sender.close(request_id, seq.block_ids)
+
+    def _timings(self, request_id: str) -> tuple[float, float, float]:
+        seq = self.engine.seqs[request_id]
+        return (
+            seq.arrival_time,
+            seq.scheduled_time or seq.arrival_time,
+            seq.first_token_time or time.monotonic(),
+        )
+
+    def _forget(self, request_id: str) -> None:
+        self.engine.release(request_id)
+        self.sender.forget(request_id)
+
+    # ---- RPCs --------------------------------------------------------------------------------------------
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        rid = request.request_id
+        try:
+            params = sampling_from_proto(request.sampling)
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        destination = destination_from_proto(request.destination)
+        mine = self.engine.layout_fingerprint
+        if destination.layout_fingerprint != mine:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layouts differ (decode {destination.layout_fingerprint}, prefill {mine}): run prefill and "
+                "decode workers with the same checkpoint, dtype and block size.",
+            )
+        stream = self.aengine.open_stream(rid)
+        done = False
+        try:
+            try:
+                await self.aengine.call(
+                    self._start, rid, list(request.prompt_token_ids), params, destination, request.kv_checksum
+                )
+            except RequestError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                raise item
+            out: RequestOutput = item
+            try:
+                transfer = await asyncio.to_thread(self.sender.wait, rid)
+            except TimeoutError as e:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except TransferError as e:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {e}"
+                )
+            arrival, scheduled, first_token = await self.aengine.call(self._timings, rid)
+            await self.aengine.call(self._forget, rid)
+            done = True
+            landed = transfer.finished or time.monotonic()
+            response = pb.PrefillResponse(
+                first_token=out.new_token_ids[0],
+                text=out.new_text,
+                finish_reason="" if out.finish_reason == "prefilled" else out.finish_reason or "",
+                stop_reason="" if out.stop_reason is None else str(out.stop_reason),
+                cached_tokens=out.num_cached_tokens,
+                timings=pb.Timings(
+                    queue_ms=(scheduled - arrival) * 1e3,
+                    prefill_ms=(first_token - scheduled) * 1e3,
+                    transfer_ms=max(0.0, landed - first_token) * 1e3,
+                ),
+                transferred_bytes=transfer.bytes_sent,
+            )
+            if transfer.kv_checksum is not None:
+                response.kv_checksum = transfer.kv_checksum
+            if out.new_logprobs:
+                response.first_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
+            return response
+        except EngineFailure as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        finally:
+            self.aengine.close_stream(rid)
+            if not done:
+                await asyncio.shield(self._abort(rid))
+
+    def _tombstone(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._aborted[request_id] = now
+        for rid, when in list(self._aborted.items()):
+            if now - when > TOMBSTONE_S:
+                del self._aborted[rid]
+        self.engine.abort(request_id)
+
+    async def _abort(self, request_id: str) -> bool:
+        """Abort; True once no KV write for the request can still be in flight."""
+        await self.aengine.call(self._tombstone, request_id)
+        drained = await asyncio.to_thread(self.sender.cancel, request_id)
+        await self.aengine.call(self.sender.forget, request_id)
+        return drained
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=await self._abort(request.request_id))

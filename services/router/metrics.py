@@ -1,0 +1,54 @@
+"""Prometheus metrics of the router (one registry per app, so several routers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pdmesh_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"], registry=r
+        )
+        self.in_flight = Gauge("pdmesh_requests_in_flight", "Requests being served", registry=r)
+        self.prompt_tokens = Counter("pdmesh_prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.generation_tokens = Counter("pdmesh_generation_tokens", "Tokens generated", registry=r)
+        self.cached_tokens = Counter(
+            "pdmesh_cached_prompt_tokens", "Prompt tokens served from prefix caches", registry=r
+        )
+        self.ttft = Histogram(
+            "pdmesh_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "pdmesh_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdmesh_e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.phase = Histogram(
+            "pdmesh_ttft_phase_seconds",
+            "Time to first token by phase (queue, prefill, transfer, first_decode, router)",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_up = Gauge("pdmesh_worker_up", "1 if the worker answers", ["role", "address"], registry=r)
+        self.worker_kv_used = Gauge(
+            "pdmesh_worker_kv_blocks_used", "KV blocks in use", ["role", "address"], registry=r
+        )
+        self.worker_kv_total = Gauge(
+            "pdmesh_worker_kv_blocks_total", "KV blocks", ["role", "address"], registry=r
+        )
+        self.worker_running = Gauge(
+            "pdmesh_worker_running_requests", "Running requests", ["role", "address"], registry=r
+        )
+        self.worker_bytes = Gauge(
+            "pdmesh_worker_kv_transferred_bytes", "KV bytes sent or received", ["role", "address"], registry=r
+        )

@@ -1,0 +1,22 @@
+"""Where a prefill worker writes a request's KV on a decode worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KvDestination:
+    session_id: str  # the decode worker's Mooncake session, host:rpc_port
+    base_address: int  # address of block 0 of its registered KV pool
+    block_nbytes: int
+    block_ids: tuple[int, ...]  # one per prompt block, in order
+    num_cached_tokens: int  # leading tokens the decode worker already holds: not sent
+    layout_fingerprint: str
+
+    def address(self, index: int) -> int:
+        """Address of the index-th prompt block on the decode worker."""
+        return self.base_address + self.block_ids[index] * self.block_nbytes
+
+    def skip_blocks(self, block_size: int) -> int:
+        return self.num_cached_tokens // block_size

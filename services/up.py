@@ -1,0 +1,217 @@
+"""`pdmesh up`: a whole cluster on this machine — router plus prefill and decode (or colocated) workers.
+
+Every component is its own process, as in a real deployment; their logs go to one folder. Ctrl-C or SIGTERM
+stops them all; if any of them dies, the others are stopped too and the dead one's last log lines are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 600.0
+STOP_GRACE_S = 10.0
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the router listens on")
+    parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
+    parser.add_argument("--mode", choices=["pd", "colocated"], default="pd")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill workers (pd mode)")
+    parser.add_argument("--decode", type=int, default=1, help="decode workers (pd mode)")
+    parser.add_argument("--colocated", type=int, default=1, help="colocated workers (colocated mode)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda; workers on GPUs take one each in turn"
+    )
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: sized from memory)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma"])
+    parser.add_argument(
+        "--kv-checksum", action="store_true", help="verify every KV transfer end to end (debug)"
+    )
+    parser.add_argument("--api-key", help="require this API key at the router")
+    parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *argv],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        self.procs.append((name, proc, log))
+
+    def dead(self) -> tuple[str, int, Path] | None:
+        for name, proc, log in self.procs:
+            if proc.poll() is not None:
+                return name, proc.returncode, log
+        return None
+
+    def stop(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for _, proc, _ in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _health(url: str) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _gpu_count(device: str) -> int:
+    if device not in ("auto", "cuda"):
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from services.engine.tiny_model import default_model_dir
+
+    model = str(Path(args.model).resolve()) if args.model else str(default_model_dir())
+    home = Path(os.environ.get("PDMESH_HOME", Path.home() / ".cache" / "pdmesh"))
+    log_dir = Path(args.log_dir) if args.log_dir else home / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    roles = (
+        [("colocated", args.colocated)]
+        if args.mode == "colocated"
+        else [("prefill", args.prefill), ("decode", args.decode)]
+    )
+    gpus = _gpu_count(args.device)
+    common = [
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        args.dtype,
+        "--block-size",
+        str(args.block_size),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--transfer-protocol",
+        args.transfer_protocol,
+    ]
+    if args.num_blocks:
+        common += ["--num-blocks", str(args.num_blocks)]
+    cluster = Cluster(log_dir)
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    addresses: dict[str, list[str]] = {}
+    index = 0
+    for role, count in roles:
+        for i in range(count):
+            port = free_port()
+            device = f"cuda:{index % gpus}" if gpus else ("cpu" if args.device == "auto" else args.device)
+            cluster.start(f"{role}-{i}", [role, *common, "--port", str(port), "--device", device])
+            addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
+            index += 1
+    router_argv = ["router", "--model", model, "--host", args.host, "--port", str(args.port)]
+    for role, addrs in addresses.items():
+        router_argv += [f"--{role}", ",".join(addrs)]
+    if args.kv_checksum:
+        router_argv.append("--kv-checksum")
+    if args.api_key:
+        router_argv += ["--api-key", args.api_key]
+    cluster.start("router", router_argv)
+
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    workers = ", ".join(f"{len(a)} {r}" for r, a in addresses.items())
+    print(f"pdmesh: starting {workers} worker(s) and a router on {url} (logs: {log_dir})", flush=True)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    ready = False
+    try:
+        while not stop_requested:
+            dead = cluster.dead()
+            if dead:
+                name, code, log = dead
+                print(
+                    f"pdmesh: {name} exited with code {code}; its last log lines:\n{_tail(log)}",
+                    file=sys.stderr,
+                )
+                return 1
+            if not ready:
+                health = _health(url)
+                if health and health.get("status") == "ok":
+                    ready = True
+                    _print_ready(url, Path(model).name, args.api_key)
+                elif time.monotonic() > deadline:
+                    print(
+                        f"pdmesh: the cluster did not become ready in {STARTUP_TIMEOUT_S:.0f}s; see {log_dir}",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.2)
+        print("pdmesh: stopping", flush=True)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _print_ready(url: str, model: str, api_key: str | None) -> None:
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    print(
+        f"pdmesh: ready at {url}  (model '{model}'; Ctrl-C stops everything)\n\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+        f'"max_tokens": 32}}\'\n',
+        flush=True,
+    )

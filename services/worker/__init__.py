@@ -1,0 +1,1 @@
+"""What every worker role shares: the gRPC server, the Worker service, and proto conversions."""

@@ -1,0 +1,177 @@
+"""Start one worker process: the engine in its role, KV transfer where the role needs it, and the gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pdmesh.v1 import worker_pb2_grpc as pb_grpc
+
+from services.engine.async_engine import AsyncEngine
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine
+
+log = logging.getLogger("pdmesh.worker")
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    protocol: str = "tcp"
+    device: str = ""
+    host: str = ""  # address peers reach this worker's Mooncake engine at; default: the gRPC host
+    timeout_s: float = 30.0
+    staging_slots: int = 4
+    reservation_timeout_s: float = 60.0
+    quarantine_s: float = 30.0
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="gRPC port (default: a free one, printed at start)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
+    parser.add_argument("--kv-cache-memory-gb", type=float)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget per step (chunk size)"
+    )
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport"
+    )
+    parser.add_argument("--transfer-device", default="", help="RDMA NIC for the rdma protocol, e.g. mlx5_0")
+    parser.add_argument(
+        "--transfer-host", default="", help="address peers use for KV transfer (default: --host)"
+    )
+    parser.add_argument(
+        "--transfer-timeout", type=float, default=30.0, help="seconds a request's KV push may take"
+    )
+    parser.add_argument(
+        "--reservation-timeout", type=float, default=60.0, help="decode: seconds a reservation lives"
+    )
+    parser.add_argument(
+        "--quarantine", type=float, default=30.0, help="decode: seconds unconfirmed blocks wait"
+    )
+
+
+def engine_config(args: argparse.Namespace, role: str, model: str) -> EngineConfig:
+    return EngineConfig(
+        model=model,
+        role=role,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_blocks=args.num_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def transfer_options(args: argparse.Namespace) -> TransferOptions:
+    return TransferOptions(
+        protocol=args.transfer_protocol,
+        device=args.transfer_device,
+        host=args.transfer_host or args.host,
+        timeout_s=args.transfer_timeout,
+        reservation_timeout_s=args.reservation_timeout,
+        quarantine_s=args.quarantine,
+    )
+
+
+async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOptions) -> None:
+    from services.worker.service import WorkerService
+
+    engine = Engine(config)
+    role = config.role
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    cleanup = []
+    session, transferred = "", (lambda: 0)
+    if role in ("prefill", "decode"):
+        from services.transfer.mooncake_engine import MooncakeEngine
+
+        mooncake = MooncakeEngine(_routable(transfer.host), transfer.protocol, transfer.device)
+        session = mooncake.session_id
+        cleanup.append(mooncake.close)
+    if role == "prefill":
+        from services.prefill.service import PrefillService
+        from services.transfer.sender import KvSender
+        from services.transfer.staging import StagingBuffer
+
+        slot_blocks = -(-config.max_num_batched_tokens // config.block_size) + 1
+        staging = StagingBuffer(engine.kv_cache, transfer.staging_slots, slot_blocks)
+        sender = KvSender(mooncake, engine.kv_cache, staging, transfer.timeout_s)
+        cleanup.insert(0, sender.stop)
+        aengine = AsyncEngine(engine)
+        prefill = PrefillService(aengine, sender)
+        aengine.after_step = prefill.after_step
+        pb_grpc.add_PrefillServicer_to_server(prefill, server)
+        transferred = lambda: sender.bytes_sent  # noqa: E731
+    elif role == "decode":
+        from services.decode.service import DecodeService
+        from services.transfer.receiver import KvReceiver
+
+        receiver = KvReceiver(mooncake, engine.kv_cache, engine.layout_fingerprint)
+        aengine = AsyncEngine(engine)
+        decode = DecodeService(aengine, receiver, transfer.reservation_timeout_s, transfer.quarantine_s)
+        pb_grpc.add_DecodeServicer_to_server(decode, server)
+    else:
+        from services.colocated.service import ColocatedService
+
+        aengine = AsyncEngine(engine)
+        pb_grpc.add_ColocatedServicer_to_server(ColocatedService(aengine), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(engine, session, transferred), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+    aengine.start()
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    suffix = f" (KV transfer {session})" if session else ""
+    print(f"pdmesh {role} worker listening on {host}:{bound}{suffix}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s worker shutting down", role)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    aengine.stop()
+    for fn in cleanup:
+        fn()
+
+
+def _routable(host: str) -> str:
+    """Mooncake must advertise an address peers can reach, not a wildcard."""
+    if host in ("0.0.0.0", "::", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return host

@@ -1,0 +1,334 @@
+"""End to end with real processes: HTTP -> router -> prefill -> Mooncake TCP -> decode -> SSE.
+
+One disaggregated cluster (prefill chunks of 32 tokens, KV checksums on) and one colocated cluster serve the same
+tiny checkpoint; `transformers` is the oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.engine.tokenizer import Tokenizer
+from tests.cluster import Cluster, load, start_cluster, wait_until
+from tests.test_models_vs_transformers import hf_generate
+
+CHUNK = 32
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def pd(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = start_cluster(
+        llama_checkpoint,
+        tmp_path_factory.mktemp("pd-logs"),
+        worker_args=("--max-num-batched-tokens", str(CHUNK)),
+        router_args=("--kv-checksum",),
+    )
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = start_cluster(
+        llama_checkpoint,
+        tmp_path_factory.mktemp("co-logs"),
+        mode="colocated",
+        worker_args=("--max-num-batched-tokens", str(CHUNK)),
+    )
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def hf(llama_checkpoint: Path):
+    return AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+
+
+def model_name(path: Path) -> str:
+    return path.name
+
+
+def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[0] + [rng.randrange(4, 500) for _ in range(n - 1)] for n in lengths]
+
+
+def stream_completion(
+    url: str, model: str, prompt: list[int], max_tokens: int
+) -> tuple[list[int], str, dict]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
+    tokens: list[int] = []
+    text = ""
+    usage: dict = {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                tokens += event["choices"][0]["token_ids"]
+                text += event["choices"][0]["text"]
+            else:
+                usage = event
+    return tokens, text, usage
+
+
+def complete(url: str, model: str, prompt: list[int], max_tokens: int) -> list[int]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_pd_equals_colocated_equals_transformers(pd: Cluster, colocated: Cluster, hf, llama_checkpoint: Path):
+    model = model_name(llama_checkpoint)
+    prompts = random_prompts(1, [5, 45, 100, 151])  # up to 5 prefill chunks of 32
+    decode = pd.of_role("decode")[0].address
+    prefill = pd.of_role("prefill")[0].address
+    before_decode, before_prefill = load(decode), load(prefill)
+    for prompt in prompts:
+        tokens, text, usage = stream_completion(pd.url, model, prompt, MAX_TOKENS)
+        assert tokens == complete(colocated.url, model, prompt, MAX_TOKENS)
+        assert tokens == hf_generate(hf, prompt, MAX_TOKENS)[0]
+        assert text == Tokenizer(llama_checkpoint).decode(tokens)
+        assert usage["usage"]["prompt_tokens"] == len(prompt)
+        assert usage["usage"]["completion_tokens"] == MAX_TOKENS
+        t = usage["timings"]
+        assert t["prefill_ms"] > 0 and t["transfer_ms"] >= 0 and t["first_decode_ms"] > 0
+
+    # the KV really moved: the decode worker ran no prompt position, only each generated token but the last,
+    # and the prefill worker sent every prompt block (the checksums were verified on every request)
+    after_decode, after_prefill = load(decode), load(prefill)
+    assert after_decode.computed_prompt_tokens == before_decode.computed_prompt_tokens == 0
+    assert after_decode.computed_tokens - before_decode.computed_tokens == len(prompts) * (MAX_TOKENS - 1)
+    cfg = json.loads((llama_checkpoint / "config.json").read_text())
+    block_nbytes = (
+        cfg["num_hidden_layers"] * 2 * 16 * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    )  # fp32
+    blocks = sum(-(-len(p) // 16) for p in prompts)
+    assert after_prefill.transferred_bytes - before_prefill.transferred_bytes == blocks * block_nbytes
+    assert after_prefill.computed_prompt_tokens - before_prefill.computed_prompt_tokens == sum(
+        map(len, prompts)
+    )
+
+
+def test_openai_client_chat_and_completions(pd: Cluster, llama_checkpoint: Path) -> None:
+    client = openai.OpenAI(base_url=f"{pd.url}/v1", api_key="unused")
+    model = model_name(llama_checkpoint)
+    tok = Tokenizer(llama_checkpoint)
+    assert [m.id for m in client.models.list().data] == [model]
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there, who are you?"},
+    ]
+    prompt_tokens = len(tok.encode_chat(messages))
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert chat.usage.prompt_tokens == prompt_tokens
+    assert chat.usage.completion_tokens == 12 and chat.usage.total_tokens == prompt_tokens + 12
+    assert chat.choices[0].finish_reason == "length" and chat.choices[0].message.role == "assistant"
+
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == prompt_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "length"
+    ]
+
+    text = client.completions.create(
+        model=model,
+        prompt="The quick brown fox",
+        max_tokens=9,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert text.usage.prompt_tokens == len(tok.encode("The quick brown fox"))
+    assert text.usage.completion_tokens == 9
+    pieces = client.completions.create(
+        model=model,
+        prompt="The quick brown fox",
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(p.choices[0].text for p in pieces) == text.choices[0].text
+
+    lp = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_32_concurrent_streams_then_no_blocks_used(pd: Cluster, llama_checkpoint: Path) -> None:
+    model = model_name(llama_checkpoint)
+    rng = random.Random(7)
+    lengths = [rng.randint(3, 120) for _ in range(32)]
+    prompts = random_prompts(2, lengths)
+    budgets = [rng.randint(4, 40) for _ in range(32)]
+
+    async def one(client: httpx.AsyncClient, prompt: list[int], n: int) -> list[int]:
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": n,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
+        tokens = []
+        async with client.stream("POST", f"{pd.url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    tokens += event["choices"][0]["token_ids"]
+        return tokens
+
+    async def main() -> list[list[int]]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, budgets, strict=True)))
+
+    results = asyncio.run(main())
+    for prompt, n, tokens in zip(prompts, budgets, results, strict=True):
+        assert len(tokens) == n
+        assert tokens == complete(pd.url, model, prompt, n), (
+            "a concurrent stream differs from the same request alone"
+        )
+    for proc in pd.procs[:2]:
+        wait_until(lambda a=proc.address: load(a).used_blocks == 0, 10, f"{proc.name} to free every block")
+        assert load(proc.address).running == 0 and load(proc.address).parked == 0
+
+
+def test_client_disconnect_frees_blocks_on_both_workers(pd: Cluster, llama_checkpoint: Path) -> None:
+    body = {
+        "model": model_name(llama_checkpoint),
+        "prompt": random_prompts(3, [90])[0],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    decode = pd.of_role("decode")[0].address
+    with httpx.stream("POST", f"{pd.url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert load(decode).running == 1 and load(decode).used_blocks > 0
+    assert any(line.startswith("data: {") for line in received)
+    for proc in pd.procs[:2]:
+        wait_until(
+            lambda a=proc.address: load(a).used_blocks == 0 and load(a).running == 0,
+            10,
+            f"{proc.name} to free the disconnected request's blocks",
+        )
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": "M", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "M", "prompt": 12.5}, 400, "prompt"),
+        ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": "M", "prompt": "hi", "max_tokens": -3}, 400, "at least 1"),
+        ({"model": "M", "prompt": "hi", "max_tokens": 10**9}, 400, "maximum context length"),
+        ({"model": "M", "prompt": [5] * 3000, "max_tokens": 4}, 400, "maximum context length"),
+        ({"model": "M", "prompt": []}, 400, "empty"),
+        ({"model": "M", "prompt": [10**7]}, 400, "token ids"),
+        ({"model": "M", "prompt": "hi", "temperature": 9}, 400, "temperature"),
+        ({"model": "M", "prompt": "hi", "n": 3}, 400, "n=1"),
+        ({"prompt": "hi"}, 400, "model"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(
+    pd: Cluster, llama_checkpoint: Path, payload, status, needle
+):
+    if isinstance(payload, dict) and payload.get("model") == "M":
+        payload = {**payload, "model": model_name(llama_checkpoint)}
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    r = httpx.post(f"{pd.url}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        ({"messages": []}, 400, "messages must not be empty"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+        ({"messages": [{"role": "user", "content": "x" * 20000}]}, 400, "maximum context length"),
+        ({"messages": "hello"}, 400, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+            "not supported",
+        ),
+    ],
+)
+def test_bad_chat_requests_get_openai_errors(pd: Cluster, llama_checkpoint: Path, payload, status, needle):
+    r = httpx.post(f"{pd.url}/v1/chat/completions", json={"model": model_name(llama_checkpoint), **payload})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_metrics_and_health(pd: Cluster) -> None:
+    health = httpx.get(f"{pd.url}/health").json()
+    assert health["status"] == "ok" and {w["role"] for w in health["workers"]} == {"prefill", "decode"}
+    text = httpx.get(f"{pd.url}/metrics").text
+    assert 'pdmesh_requests_total{endpoint="completions",status="200"}' in text
+    assert "pdmesh_time_to_first_token_seconds_bucket" in text
+    assert 'pdmesh_ttft_phase_seconds_count{phase="transfer"}' in text
+    assert "pdmesh_worker_kv_blocks_total" in text

@@ -1,0 +1,82 @@
+"""`pdmesh up` starts a router and workers as processes, serves requests, and stops them all on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster import ROOT, free_port, wait_until
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.parametrize("mode", ["pd", "colocated"])
+def test_up_serves_and_stops_everything(tmp_path: Path, mode: str) -> None:
+    port = free_port()
+    env = {**os.environ, "PDMESH_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--port",
+            str(port),
+            "--mode",
+            mode,
+            "--num-blocks",
+            "512",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: "ready at" in (tmp_path / "up.log").read_text() or proc.poll() is not None,
+            120,
+            "pdmesh up to be ready",
+        )
+        output = (tmp_path / "up.log").read_text()
+        assert proc.poll() is None, output
+        assert f"http://127.0.0.1:{port}" in output and "curl" in output
+        workers = children(proc.pid)
+        assert len(workers) == (3 if mode == "pd" else 2)  # workers and the router, each a process
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": "tiny-llama",
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 8,
+                "ignore_eos": True,
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        time.sleep(0.5)
+        for pid in workers:
+            status = Path(f"/proc/{pid}/status")
+            assert not status.exists() or "zombie" in status.read_text().lower()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
