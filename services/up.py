@@ -156,12 +156,16 @@ def run_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     addresses: dict[str, list[str]] = {}
+    total = sum(count for _, count in roles)
+    # workers sharing a GPU split its memory between them
+    share = f"{0.9 / -(-total // gpus):.3f}" if gpus else "0.9"
     index = 0
     for role, count in roles:
         for i in range(count):
             port = free_port()
             device = f"cuda:{index % gpus}" if gpus else ("cpu" if args.device == "auto" else args.device)
-            cluster.start(f"{role}-{i}", [role, *common, "--port", str(port), "--device", device])
+            argv = [role, *common, "--port", str(port), "--device", device, "--gpu-memory-utilization", share]
+            cluster.start(f"{role}-{i}", argv)
             addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
             index += 1
     router_argv = ["router", "--model", model, "--host", args.host, "--port", str(args.port)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
@@ -175,3 +177,40 @@ def start_cluster(
         cluster.stop()
         raise
     return cluster
+
+
+def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[0] + [rng.randrange(4, 500) for _ in range(n - 1)] for n in lengths]
+
+
+def stream_completion(
+    url: str, model: str, prompt: list[int], max_tokens: int
+) -> tuple[list[int], str, dict]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
+    tokens: list[int] = []
+    text = ""
+    usage: dict = {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event["choices"]:
+                tokens += event["choices"][0]["token_ids"]
+                text += event["choices"][0]["text"]
+            else:
+                usage = event
+    return tokens, text, usage

@@ -23,7 +23,7 @@ def cluster(llama_checkpoint: Path, tmp_path: Path) -> Iterator[Cluster]:
         tmp_path,
         prefill=2,
         decode=2,
-        worker_args=("--max-num-batched-tokens", "8", "--quarantine", "2"),
+        worker_args=("--max-num-batched-tokens", "4", "--quarantine", "2"),
     )
     yield c
     c.stop()
@@ -113,7 +113,7 @@ def send_and_kill_prefill(cluster: Cluster, payload: dict) -> tuple[dict, float]
 
 def test_prefill_worker_killed_mid_prefill(cluster: Cluster, llama_checkpoint: Path) -> None:
     model = llama_checkpoint.name
-    payload = body(model, 1800, 4, False)  # 225 chunks of 8 tokens: long enough to be interrupted
+    payload = body(model, 1800, 4, False)  # 450 chunks of 4 tokens: long enough to be interrupted
     # with another prefill worker alive, the router retries there (the decode reservation is reused)
     result, _ = send_and_kill_prefill(cluster, payload)
     assert result["status"] == 200, result
@@ -128,3 +128,24 @@ def test_prefill_worker_killed_mid_prefill(cluster: Cluster, llama_checkpoint: P
         wait_until(
             lambda a=proc.address: load(a).used_blocks == 0, 10, f"{proc.name} to free the reservation"
         )
+
+
+def test_client_gone_during_prefill_aborts_both_legs(cluster: Cluster, llama_checkpoint: Path) -> None:
+    payload = body(llama_checkpoint.name, 2000, 4, False)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the prompt is still being prefilled
+        httpx.post(f"{cluster.url}/v1/completions", json=payload, timeout=0.3)
+    gone = time.monotonic()
+    # the router saw the disconnect and aborted the prefill, which confirmed no KV write was in flight, so the
+    # decode reservation is freed at once (well inside this cluster's 2 s quarantine for unconfirmed releases)
+    for proc in cluster.procs:
+        if proc.address:
+            wait_until(
+                lambda a=proc.address: load(a).used_blocks == 0 and load(a).running == 0,
+                10,
+                f"{proc.name} to drop the abandoned request",
+                interval=0.02,
+            )
+    assert time.monotonic() - gone < 1.9
+    prefilled = sum(load(p.address).computed_prompt_tokens for p in cluster.of_role("prefill"))
+    assert 0 < prefilled < 2000, "the prefill was meant to be interrupted part-way"
+    assert all(load(p.address).computed_tokens == 0 for p in cluster.of_role("decode"))

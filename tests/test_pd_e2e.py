@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.engine.tokenizer import Tokenizer
-from tests.cluster import Cluster, load, start_cluster, wait_until
+from tests.cluster import Cluster, load, random_prompts, start_cluster, stream_completion, wait_until
 from tests.test_models_vs_transformers import hf_generate
 
 CHUNK = 32
@@ -57,43 +57,6 @@ def hf(llama_checkpoint: Path):
 
 def model_name(path: Path) -> str:
     return path.name
-
-
-def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[0] + [rng.randrange(4, 500) for _ in range(n - 1)] for n in lengths]
-
-
-def stream_completion(
-    url: str, model: str, prompt: list[int], max_tokens: int
-) -> tuple[list[int], str, dict]:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "return_token_ids": True,
-    }
-    tokens: list[int] = []
-    text = ""
-    usage: dict = {}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            if event["choices"]:
-                tokens += event["choices"][0]["token_ids"]
-                text += event["choices"][0]["text"]
-            else:
-                usage = event
-    return tokens, text, usage
 
 
 def complete(url: str, model: str, prompt: list[int], max_tokens: int) -> list[int]:

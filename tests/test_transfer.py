@@ -141,6 +141,13 @@ def test_decode_accepts_matching_and_rejects_mismatching_kv(decode_worker: Proc)
     assert load(decode_worker.address).computed_prompt_tokens == 0
 
 
+def test_standard_health_service_answers(decode_worker: Proc) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(decode_worker.address))
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_reservation_expires_and_unknown_generate_is_refused(decode_worker: Proc) -> None:
     decode = pb_grpc.DecodeStub(grpc.insecure_channel(decode_worker.address))
     with pytest.raises(grpc.RpcError) as e:

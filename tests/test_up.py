@@ -22,6 +22,8 @@ def children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("mode", ["pd", "colocated"])
 def test_up_serves_and_stops_everything(tmp_path: Path, mode: str) -> None:
+    key = ["--api-key", "s3cret"] if mode == "colocated" else []
+    auth = {"Authorization": "Bearer s3cret"} if key else {}
     port = free_port()
     env = {**os.environ, "PDMESH_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "up.log").open("w")
@@ -39,6 +41,7 @@ def test_up_serves_and_stops_everything(tmp_path: Path, mode: str) -> None:
             "512",
             "--device",
             "cpu",
+            *key,
         ],
         cwd=ROOT,
         env=env,
@@ -56,16 +59,17 @@ def test_up_serves_and_stops_everything(tmp_path: Path, mode: str) -> None:
         assert f"http://127.0.0.1:{port}" in output and "curl" in output
         workers = children(proc.pid)
         assert len(workers) == (3 if mode == "pd" else 2)  # workers and the router, each a process
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            timeout=30,
-            json={
-                "model": "tiny-llama",
-                "messages": [{"role": "user", "content": "Hello!"}],
-                "max_tokens": 8,
-                "ignore_eos": True,
-            },
-        )
+        request = {
+            "model": "tiny-llama",
+            "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 8,
+            "ignore_eos": True,
+        }
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        if key:
+            denied = httpx.post(url, json=request, timeout=30)
+            assert denied.status_code == 401 and "API key" in denied.json()["error"]["message"]
+        r = httpx.post(url, json=request, headers=auth, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 8
         proc.send_signal(signal.SIGTERM)

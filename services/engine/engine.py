@@ -240,8 +240,11 @@ class Engine:
         if cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * 2**30
         elif device.type == "cuda":
+            # this process's share of the GPU, and never more than is free (other processes may share the GPU)
             free, total = torch.cuda.mem_get_info(device)
-            budget = total * cfg.gpu_memory_utilization - (total - free) - GPU_ACTIVATION_RESERVE_GB * 2**30
+            reserve = GPU_ACTIVATION_RESERVE_GB * 2**30
+            own = torch.cuda.memory_reserved(device)
+            budget = min(total * cfg.gpu_memory_utilization - own, free) - reserve
         else:
             budget = CPU_KV_CACHE_GB * 2**30
         model_len = cfg.max_model_len or self.model_config.max_position_embeddings

@@ -7,12 +7,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
@@ -239,12 +239,13 @@ def create_app(config: RouterConfig) -> FastAPI:
         log.exception("unexpected error")
         return APIError(500, f"internal error: {e}").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        authorized = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
-        if config.api_key and request.url.path.startswith("/v1/") and not authorized:
-            return APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>').").response()
-        return await call_next(request)
+    # NOTE: a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides client disconnects from
+    # handlers, and disconnects are how abandoned requests get aborted
+    async def require_api_key(request: Request) -> None:
+        if config.api_key and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>').")
+
+    v1 = [Depends(require_api_key)]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -262,7 +263,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
         card = {
             "id": config.model_name,
@@ -273,7 +274,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         router.check_model(body.model)
         body.check_supported()
@@ -285,7 +286,7 @@ def create_app(config: RouterConfig) -> FastAPI:
         spec = Spec("completions", body.model, body.stream, body.include_usage, body.return_token_ids)
         return await _serve(router, request, spec, plans)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         router.check_model(body.model)
         body.check_supported()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 
+import numpy as np
 import torch
 
 from services.engine.kv_cache import KVCache
@@ -61,7 +62,7 @@ class StagingBuffer:
         kv = self.kv_cache.kv
         out = self.buffer[slot, : len(block_ids)]
         if self._stream is None:
-            torch.index_select(kv, 0, torch.tensor(block_ids), out=out)
+            _copy_runs(kv, out, block_ids)
             return Fence(None)
         compute = torch.cuda.current_stream(kv.device)
         index = torch.tensor(block_ids, dtype=torch.int64, pin_memory=True).to(kv.device, non_blocking=True)
@@ -73,3 +74,20 @@ class StagingBuffer:
         index.record_stream(self._stream)
         compute.wait_event(event)  # NOTE: later kernels may reuse these blocks only after the copy
         return Fence(event)
+
+
+def _copy_runs(kv: torch.Tensor, out: torch.Tensor, block_ids: list[int]) -> None:
+    """CPU gather: one single-threaded memcpy per run of consecutive block ids.
+
+    NOTE: single-threaded on purpose. torch's parallel copy takes every core, starving the transfer engine's
+    threads that are sending the previous chunk at the same moment (measured: 0.7x -> 0.9x of raw throughput).
+    """
+    src = kv.view(torch.uint8).numpy()
+    dst = out.view(torch.uint8).numpy()
+    i = 0
+    while i < len(block_ids):
+        j = i + 1
+        while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+            j += 1
+        np.copyto(dst[i:j], src[block_ids[i] : block_ids[i] + j - i])
+        i = j

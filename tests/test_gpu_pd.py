@@ -1,0 +1,56 @@
+"""The disaggregated path on a CUDA GPU: staging gathers on a side stream, Mooncake moving GPU memory, and greedy
+tokens identical to `transformers` on the same GPU. Runs wherever a CUDA GPU is present (CI has none)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.engine.kv_cache import KVCache, KVLayout
+from services.transfer.staging import StagingBuffer
+from tests.cluster import Cluster, load, random_prompts, start_cluster, stream_completion
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_staging_gather_on_a_side_stream_is_fenced() -> None:
+    layout = KVLayout(64, 4, 16, 8, 128, torch.bfloat16)
+    cache = KVCache(layout, torch.device("cuda"))
+    staging = StagingBuffer(cache, num_slots=2, slot_blocks=16)
+    ids = [5, 9, 10, 11, 40, 2]
+    for trial in range(20):
+        cache.kv.normal_()  # queued on the compute stream right before the gather
+        expected = cache.kv[ids].clone()
+        fence = staging.gather(trial % 2, ids)
+        cache.kv.zero_()  # later compute-stream work must not change what was gathered
+        fence.wait()
+        assert torch.equal(staging.buffer[trial % 2, : len(ids)], expected)
+
+
+@pytest.fixture(scope="module")
+def gpu_pd(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = start_cluster(
+        llama_checkpoint, tmp_path_factory.mktemp("gpu-logs"),
+        worker_args=("--device", "cuda", "--dtype", "float32", "--max-num-batched-tokens", "32"),
+        router_args=("--kv-checksum",),
+    )  # fmt: skip
+    yield cluster
+    cluster.stop()
+
+
+def test_pd_on_gpu_matches_transformers(gpu_pd: Cluster, llama_checkpoint: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_models_vs_transformers import hf_generate
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    decode = gpu_pd.of_role("decode")[0].address
+    for prompt in random_prompts(11, [7, 64, 150]):
+        tokens, _, usage = stream_completion(gpu_pd.url, llama_checkpoint.name, prompt, 24)
+        assert tokens == hf_generate(hf, prompt, 24)[0]
+        assert usage["usage"]["completion_tokens"] == 24
+    assert load(decode).computed_prompt_tokens == 0
+    assert load(decode).used_blocks == 0
