@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -33,7 +32,6 @@ class ColocatedService(pb_grpc.ColocatedServicer):
                 await self.aengine.call(self.engine.add_request, rid, list(request.prompt_token_ids), params)
             except RequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            arrival = time.monotonic()
             first = True
             while not finished:
                 item = await stream.get()
@@ -42,8 +40,10 @@ class ColocatedService(pb_grpc.ColocatedServicer):
                 out: RequestOutput = item
                 finished = out.finished
                 timings = None
-                if first:  # prefill and first token happen here: the whole time to first token is "prefill"
-                    timings = pb.Timings(prefill_ms=(time.monotonic() - arrival) * 1e3)
+                if first:
+                    timings = pb.Timings(
+                        queue_ms=(out.queue_s or 0.0) * 1e3, prefill_ms=(out.prefill_s or 0.0) * 1e3
+                    )
                     first = False
                 yield chunk_from_output(out, timings)
         finally:

@@ -69,6 +69,7 @@ class DecodeService(pb_grpc.DecodeServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TokenChunk]:
+        arrived = time.monotonic()
         rid = request.request_id
         entry = self.reserved.pop(rid, None)
         if entry is None:
@@ -88,25 +89,21 @@ class DecodeService(pb_grpc.DecodeServicer):
         stream = self.aengine.open_stream(rid)
         finished = False
         try:
-            admitted = time.monotonic()
+            # admission waits for the step in flight to end: that wait is this request's first decode delay
             first = await self.aengine.call(self.engine.admit_prefilled, rid, request.first_token)
+            timings = pb.Timings(first_decode_ms=(time.monotonic() - arrived) * 1e3)
             for out in first:
                 if request.HasField("first_logprob"):
                     out.new_logprobs = [logprob_from_proto(request.first_logprob)]
                 finished = out.finished
-                yield chunk_from_output(out)
-            timings_sent = False
+                yield chunk_from_output(out, timings)
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 out: RequestOutput = item
                 finished = out.finished
-                timings = None
-                if not timings_sent:
-                    timings = pb.Timings(first_decode_ms=(time.monotonic() - admitted) * 1e3)
-                    timings_sent = True
-                yield chunk_from_output(out, timings)
+                yield chunk_from_output(out)
         finally:
             self.aengine.close_stream(rid)
             if not finished:

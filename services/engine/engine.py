@@ -44,6 +44,10 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # on the first token only: seconds from arrival to the first scheduled step, and from then to this token
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    emitted: float = field(default_factory=time.monotonic)  # when the engine produced it (monotonic clock)
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,11 @@ class Engine:
 
     def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         params = seq.params
+        queue_s = prefill_s = None
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
+            scheduled = seq.scheduled_time or seq.first_token_time
+            queue_s, prefill_s = scheduled - seq.arrival_time, seq.first_token_time - scheduled
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -195,6 +202,8 @@ class Engine:
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=[logprob] if logprob is not None else [],
+            queue_s=queue_s,
+            prefill_s=prefill_s,
         )
 
     # ---- scoring -----------------------------------------------------------------------------------------

@@ -118,7 +118,6 @@ class PrefillService(pb_grpc.PrefillServicer):
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {e}"
                 )
-            arrival, scheduled, first_token = await self.aengine.call(self._timings, rid)
             await self.aengine.call(self._forget, rid)
             done = True
             landed = transfer.finished or time.monotonic()
@@ -129,9 +128,9 @@ class PrefillService(pb_grpc.PrefillServicer):
                 stop_reason="" if out.stop_reason is None else str(out.stop_reason),
                 cached_tokens=out.num_cached_tokens,
                 timings=pb.Timings(
-                    queue_ms=(scheduled - arrival) * 1e3,
-                    prefill_ms=(first_token - scheduled) * 1e3,
-                    transfer_ms=max(0.0, landed - first_token) * 1e3,
+                    queue_ms=(out.queue_s or 0.0) * 1e3,
+                    prefill_ms=(out.prefill_s or 0.0) * 1e3,
+                    transfer_ms=max(0.0, landed - out.emitted) * 1e3,  # not hidden behind compute
                 ),
                 transferred_bytes=transfer.bytes_sent,
             )

@@ -42,16 +42,11 @@ class Timings:
     prefill_ms: float = 0.0
     transfer_ms: float = 0.0
     first_decode_ms: float = 0.0
-    router_ms: float = 0.0  # in the router before the first worker call returned (admission waits included)
-    ttft_ms: float = 0.0
+    router_ms: float = 0.0  # the rest: router work, admission waits, network (ttft minus the phases above)
+    ttft_ms: float = 0.0  # request arrival at the router to the first token in hand
 
     def headers(self) -> dict[str, str]:
-        """Response headers; first_decode_ms only once known (a streamed response sends it in its last event)."""
-        return {
-            f"x-pdmesh-{k.replace('_', '-')}": f"{v:.3f}"
-            for k, v in self.__dict__.items()
-            if k != "first_decode_ms" or v > 0
-        }
+        return {f"x-pdmesh-{k.replace('_', '-')}": f"{v:.3f}" for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -85,8 +80,6 @@ class GenerationStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self.finished:
             chunk = self.pending.pop(0) if self.pending else await self._read()
-            if chunk.HasField("timings") and chunk.timings.first_decode_ms:
-                self.timings.first_decode_ms = chunk.timings.first_decode_ms
             self.completion_tokens = chunk.completion_tokens or self.completion_tokens + len(chunk.token_ids)
             self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
             if chunk.finished:
@@ -149,7 +142,22 @@ class Dispatcher:
             stream = await self._open_colocated(request_id, prompt, params, started)
         else:
             stream = await self._open_pd(request_id, prompt, params, started)
-        stream.timings.ttft_ms = (time.monotonic() - started) * 1e3
+        if stream.call is not None:  # the first token is in hand before anything is sent to the client
+            try:
+                first = await stream._read()
+            except BaseException:
+                await stream.close()
+                raise
+            stream.pending.append(first)
+            if first.HasField("timings"):
+                ft = first.timings
+                t = stream.timings
+                t.queue_ms = t.queue_ms or ft.queue_ms
+                t.prefill_ms = t.prefill_ms or ft.prefill_ms
+                t.first_decode_ms = ft.first_decode_ms
+        t = stream.timings
+        t.ttft_ms = (time.monotonic() - started) * 1e3
+        t.router_ms = max(0.0, t.ttft_ms - t.queue_ms - t.prefill_ms - t.transfer_ms - t.first_decode_ms)
         return stream
 
     async def _open_colocated(
@@ -169,14 +177,6 @@ class Dispatcher:
             pool=self.pool,
             options=self.options,
         )
-        try:
-            first = await stream._read()
-        except BaseException:
-            await stream.close()
-            raise
-        stream.timings.prefill_ms = first.timings.prefill_ms
-        stream.timings.router_ms = (time.monotonic() - started) * 1e3 - first.timings.prefill_ms
-        stream.pending.append(first)
         return stream
 
     async def _open_pd(
@@ -241,8 +241,6 @@ class Dispatcher:
         if response.HasField("first_logprob"):
             generate.first_logprob.CopyFrom(response.first_logprob)
         stream.call = decode.decode.Generate(generate)
-        worker_ms = t.queue_ms + t.prefill_ms + t.transfer_ms
-        stream.timings.router_ms = max(0.0, (time.monotonic() - started) * 1e3 - worker_ms)
         return stream
 
     async def _reserve(
