@@ -145,6 +145,22 @@ class Cluster:
 
         wait_until(ready, timeout, "the cluster to become healthy", interval=0.2)
 
+    def wait_workers(self, timeout: float = 60) -> None:
+        """Until every worker answers GetLoad (no router needed)."""
+
+        def up(proc: Proc) -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+            try:
+                load(proc.address)
+                return True
+            except grpc.RpcError:
+                return False
+
+        for proc in self.procs:
+            if proc.address:
+                wait_until(lambda p=proc: up(p), timeout, f"{proc.name} to answer")
+
     def of_role(self, role: str) -> list[Proc]:
         return [p for p in self.procs if p.name.startswith(role)]
 

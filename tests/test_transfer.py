@@ -18,7 +18,7 @@ from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import MooncakeEngine, TransferError
 from services.transfer.sender import KvSender, coalesce
 from services.transfer.staging import StagingBuffer
-from tests.cluster import Proc, load, spawn, wait_until
+from tests.cluster import Cluster, Proc, load, wait_until
 
 SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0, top_p=1, ignore_eos=True, skip_special_tokens=True)
 
@@ -63,43 +63,13 @@ def test_sender_reports_an_unreachable_peer_instead_of_hanging() -> None:
 
 @pytest.fixture(scope="module")
 def decode_worker(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    from tests.cluster import free_port
-
-    port = free_port()
-    proc = spawn(
-        "decode",
-        [
-            "decode",
-            "--model",
-            str(llama_checkpoint),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--num-blocks",
-            "256",
-            "--reservation-timeout",
-            "2",
-            "--quarantine",
-            "0.5",
-        ],
-        tmp_path_factory.mktemp("decode"),
+    cluster = Cluster(llama_checkpoint, tmp_path_factory.mktemp("decode"))
+    proc = cluster.worker(
+        "decode", "--num-blocks", "256", "--reservation-timeout", "2", "--quarantine", "0.5"
     )
-    proc.address = f"127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.alive(), proc.tail()
-        try:
-            load(proc.address)
-            return True
-        except grpc.RpcError:
-            return False
-
-    wait_until(up, 60, "the decode worker")
+    cluster.wait_workers()
     yield proc
-    proc.stop()
+    cluster.stop()
 
 
 def write_blocks(engine: MooncakeEngine, dest: pb.KvDestination, blocks: torch.Tensor) -> None:

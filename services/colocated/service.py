@@ -9,8 +9,7 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
-from services.engine.async_engine import AsyncEngine
-from services.engine.engine import RequestOutput
+from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.errors import RequestError
 from services.worker.convert import chunk_from_output, sampling_from_proto
 
@@ -33,11 +32,7 @@ class ColocatedService(pb_grpc.ColocatedServicer):
             except RequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             first = True
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    await context.abort(grpc.StatusCode.INTERNAL, str(item))
-                out: RequestOutput = item
+            async for out in self.aengine.outputs(stream):
                 finished = out.finished
                 timings = None
                 if first:
@@ -46,6 +41,8 @@ class ColocatedService(pb_grpc.ColocatedServicer):
                     )
                     first = False
                 yield chunk_from_output(out, timings)
+        except EngineFailure as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self.aengine.close_stream(rid)
             if not finished:

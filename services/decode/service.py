@@ -17,8 +17,8 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
-from services.engine.async_engine import AsyncEngine
-from services.engine.engine import RequestOutput, Reservation
+from services.engine.async_engine import AsyncEngine, EngineFailure
+from services.engine.engine import Reservation
 from services.engine.errors import RequestError
 from services.transfer.receiver import KvReceiver
 from services.worker.convert import (
@@ -60,9 +60,7 @@ class DecodeService(pb_grpc.DecodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "no free KV blocks or sequence slots on this decode worker now; retry later or on another worker.",
             )
-        timer = asyncio.get_running_loop().call_later(
-            self.reservation_timeout_s, self._spawn, self._expire(rid)
-        )
+        timer = asyncio.get_running_loop().call_later(self.reservation_timeout_s, self._spawn_expiry, rid)
         self.reserved[rid] = (reservation, timer)
         return pb.ReserveResponse(destination=destination_to_proto(self.receiver.destination(reservation)))
 
@@ -97,13 +95,12 @@ class DecodeService(pb_grpc.DecodeServicer):
                     out.new_logprobs = [logprob_from_proto(request.first_logprob)]
                 finished = out.finished
                 yield chunk_from_output(out, timings)
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    await context.abort(grpc.StatusCode.INTERNAL, str(item))
-                out: RequestOutput = item
-                finished = out.finished
-                yield chunk_from_output(out)
+            if not finished:
+                async for out in self.aengine.outputs(stream):
+                    finished = out.finished
+                    yield chunk_from_output(out)
+        except EngineFailure as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             self.aengine.close_stream(rid)
             if not finished:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from services.engine.engine import Engine, RequestOutput
@@ -62,6 +62,18 @@ class AsyncEngine:
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = q
         return q
+
+    async def outputs(
+        self, stream: asyncio.Queue[RequestOutput | BaseException]
+    ) -> AsyncIterator[RequestOutput]:
+        """A request's outputs from its stream until it finishes; raises EngineFailure if a step failed."""
+        while True:
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
 
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
