@@ -6,7 +6,7 @@ STAMP := $(VENV)/.pdmesh-setup
 PYTEST_ARGS ?=
 UP_ARGS ?=
 
-.PHONY: setup run test lint format proto clean
+.PHONY: setup run test lint format proto bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix services tests bench
 	$(BIN)/ruff format services tests bench
+
+# CPU benchmarks (GPU ones: see docs/benchmarks.md for their commands)
+bench: $(STAMP)
+	$(BIN)/python bench/prefix_cache.py
+	$(BIN)/python bench/transfer.py --device cpu --repeats 9
 
 # regenerate the gRPC stubs next to the contract (committed, so installs need no protoc)
 proto: $(STAMP)

@@ -79,6 +79,21 @@ def _up(args: argparse.Namespace) -> None:
     sys.exit(run_cluster(args))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from services.loadtest.cli import run_bench
+
+    sys.exit(run_bench(args))
+
+
+def _bench_compare(argv: list[str]) -> None:
+    from services.loadtest.cli import run_compare
+
+    parser = argparse.ArgumentParser(prog="pdmesh bench compare", description="two bench runs side by side")
+    parser.add_argument("a", help="summary.json of run A")
+    parser.add_argument("b", help="summary.json of run B")
+    sys.exit(run_compare(parser.parse_args(argv)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdmesh", description="Prefill/decode-disaggregated LLM serving.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
@@ -115,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_up_arguments(up)
     up.set_defaults(func=_up)
 
+    from services.loadtest.cli import add_bench_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="load-test an OpenAI-compatible endpoint (`pdmesh bench compare A.json B.json` compares runs)",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
+
     router = sub.add_parser("router", help="run the OpenAI-compatible router in front of workers")
     add_router_arguments(router)
     router.set_defaults(func=_router)
@@ -137,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "compare"]:
+        _bench_compare(argv[2:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -33,10 +33,11 @@ def test_staging_gather_on_a_side_stream_is_fenced() -> None:
 @pytest.fixture(scope="module")
 def gpu_pd(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = start_cluster(
-        llama_checkpoint, tmp_path_factory.mktemp("gpu-logs"),
+        llama_checkpoint,
+        tmp_path_factory.mktemp("gpu-logs"),
         worker_args=("--device", "cuda", "--dtype", "float32", "--max-num-batched-tokens", "32"),
         router_args=("--kv-checksum",),
-    )  # fmt: skip
+    )
     yield cluster
     cluster.stop()
 

@@ -1,0 +1,1 @@
+"""`pdmesh bench`: a load-test harness for OpenAI-compatible endpoints, with pdmesh's TTFT breakdown."""
