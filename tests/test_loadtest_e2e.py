@@ -264,3 +264,29 @@ def test_bad_arguments_give_clear_errors(
 def test_unreachable_url(tmp_path: Path) -> None:
     r = bench("--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "cannot reach" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_duration_limit_stops_new_requests(cluster_url: str, tmp_path: Path) -> None:
+    r = bench(
+        "--url",
+        cluster_url,
+        "--rate",
+        "10",
+        "--num-prompts",
+        "1000",
+        "--duration",
+        "2",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--warmup",
+        "0",
+        "--no-plots",
+        "--out",
+        str(tmp_path / "d"),
+    )
+    assert r.returncode == 0, r.stderr
+    [run] = runs(tmp_path / "d")
+    starts = [rec["start"] for rec in run["records"]]
+    assert 5 <= len(starts) <= 40 and max(starts) <= 2.2, "requests kept starting after --duration"
