@@ -91,10 +91,10 @@ class BlockAllocator:
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish the sequence's newly computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        """Publish the sequence's newly computed full blocks (of known tokens) in the prefix cache."""
+        full = min(min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size, len(seq.block_ids))
+        if not self.enable_prefix_caching or full <= seq.num_hashed_blocks:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
         for i in range(seq.num_hashed_blocks, full):
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             h = block_hash(seq.last_block_hash, tokens)

@@ -27,7 +27,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunk size)
     max_model_len: int | None = None  # None: the model's, capped by KV capacity
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: triton on CUDA (with Triton installed), else torch
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (triton backend on CUDA)
+    cuda_graph_max_batch: int = 256  # largest decode batch captured; larger ones run eagerly
+    overlap_scheduling: bool = True  # with CUDA graphs: launch the next decode step before reading this one
+    load_format: str = "safetensors"  # safetensors | dummy (random weights: benchmarks, no checkpoint read)
     seed: int = 0
     progress: bool = True
 
@@ -48,6 +52,8 @@ class EngineConfig:
             (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive"),
+            (self.cuda_graph_max_batch > 0, "cuda_graph_max_batch must be positive"),
+            (self.load_format in ("safetensors", "dummy"), "load_format must be safetensors or dummy"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,18 +1,19 @@
 """Incremental detokenization and stop-string detection for one request.
 
 Decoding token by token is wrong for byte-level and sentencepiece vocabularies (a character can span tokens; a
-leading space depends on the previous token), and decoding everything each step is quadratic. We decode a short
-window: the text of tokens [prefix, read) is known; the text of [prefix, end) minus it is the new text, held back
-while it ends in an incomplete character.
+leading space depends on the previous token), and decoding everything each step is quadratic. The `tokenizers`
+library's DecodeStream does it right in one native call per token; it is primed with the prompt's last tokens so
+the first output token gets its leading space right. Tokens it holds back (an incomplete character) are decoded as
+they are at the end (`flush`).
 """
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 from services.engine.tokenizer import Tokenizer
 
-PROMPT_CONTEXT_TOKENS = (
-    5  # prompt tokens decoded along so the first output token gets its leading space right
-)
+PROMPT_CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
@@ -26,34 +27,34 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
-        self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
-        self.prefix = 0
-        self.read = len(self.ids)
+        self.max_stop = max((len(s) for s in stop), default=0)
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token in prompt_ids[-PROMPT_CONTEXT_TOKENS:]:
+            self.stream.step(tokenizer.raw, token)
+        self.held: list[int] = []  # output tokens the stream has not turned into text yet
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out as deltas
         self.stopped_by: str | None = None
 
     def add(self, token_id: int) -> None:
-        self.ids.append(token_id)
-        known = self._decode(self.ids[self.prefix : self.read])
-        full = self._decode(self.ids[self.prefix :])
-        if len(full) > len(known) and not full.endswith("\ufffd"):
-            self.text += full[len(known) :]
-            self.prefix, self.read = self.read, len(self.ids)
+        piece = self.stream.step(self.tokenizer.raw, token_id)
+        if piece is None:
+            self.held.append(token_id)
+        else:
+            self.text += self.tokenizer.clean(piece)
+            self.held.clear()
 
     def flush(self) -> None:
         """At the end: take in text still held back as an incomplete character (decoded as U+FFFD)."""
-        if self.stopped_by is None and self.read < len(self.ids):
-            known = self._decode(self.ids[self.prefix : self.read])
-            self.text += self._decode(self.ids[self.prefix :])[len(known) :]
-            self.prefix = self.read = len(self.ids)
+        if self.stopped_by is None and self.held:
+            self.text += self.tokenizer.decode(self.held, skip_special_tokens=self.skip_special_tokens)
+            self.held.clear()
 
     def check_stop(self, new_chars: int, include_stop: bool) -> bool:
         """Look for a stop string in the tail that the last token could have completed; truncate the text."""
         if not self.stop:
             return False
-        longest = max(len(s) for s in self.stop)
-        start = max(0, len(self.text) - new_chars - longest + 1)
+        start = max(0, len(self.text) - new_chars - self.max_stop + 1)
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if not hits:
             return False
@@ -67,10 +68,7 @@ class IncrementalDetokenizer:
         text that a later token turns into a stop string is never streamed."""
         end = len(self.text)
         if not final and self.stop:
-            end = max(self.emitted, end - (max(len(s) for s in self.stop) - 1))
+            end = max(self.emitted, end - (self.max_stop - 1))
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

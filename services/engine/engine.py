@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.attention import make_backend
+from services.engine.attention import make_backend, resolve_backend
 from services.engine.block_manager import BlockAllocator
 from services.engine.config import EngineConfig, EngineRuntime
 from services.engine.detokenizer import IncrementalDetokenizer
@@ -19,10 +19,10 @@ from services.engine.errors import RequestError
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_config import ModelConfig
 from services.engine.models import load_model
-from services.engine.runner import ModelRunner
+from services.engine.runner import InFlight, ModelRunner
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Batch, ScheduledSeq, Scheduler
-from services.engine.sequence import Sequence, TokenLogprob
+from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence, TokenLogprob
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdmesh.engine")
@@ -67,7 +67,7 @@ class Engine:
         self.tokenizer = Tokenizer(config.model)
         device = config.resolve_device()
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
-        self.model = load_model(self.model_config, device, dtype, progress=config.progress)
+        self.model = load_model(self.model_config, device, dtype, config.progress, config.load_format)
         num_blocks = self._size_kv_cache(device, dtype)
         max_model_len = self._max_model_len(num_blocks)
         layout = KVLayout.for_model(self.model_config, num_blocks, config.block_size, dtype)
@@ -75,9 +75,20 @@ class Engine:
         self.runtime = EngineRuntime(
             device, dtype, num_blocks, max_model_len, self.model_config.eos_token_ids
         )
-        backend = make_backend(config.attention_backend, self.kv_cache, self.model_config.head_dim**-0.5)
+        self.attention_backend = resolve_backend(config.attention_backend, device)
+        backend = make_backend(
+            self.attention_backend, self.kv_cache, self.model_config.head_dim**-0.5, max_model_len
+        )
         generator = torch.Generator(device).manual_seed(config.seed)
         self.runner = ModelRunner(self.model, backend, config.block_size, device, generator)
+        if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs:
+            max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
+            self.runner.capture_graphs(max_batch, -(-max_model_len // config.block_size), config.progress)
+        # decode steps overlap host work where graphs run them (not in the prefill role: it never decodes)
+        self.overlap = (
+            self.runner.graphs is not None and config.role != "prefill" and config.overlap_scheduling
+        )
+        self._inflight: InFlight | None = None
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator, config.role, config.max_num_seqs, config.max_num_batched_tokens
@@ -85,7 +96,8 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         log.info(
-            "engine ready in %.1fs: %s (%s) on %s, %s, %d KV blocks of %d tokens, max_model_len %d, role %s",
+            "engine ready in %.1fs: %s (%s) on %s, %s, %d KV blocks of %d tokens, max_model_len %d, role %s, "
+            "attention %s, CUDA graphs %s",
             time.monotonic() - started,
             self.model_config.architecture,
             config.model,
@@ -95,6 +107,8 @@ class Engine:
             config.block_size,
             max_model_len,
             config.role,
+            self.attention_backend,
+            "on" if self.runner.graphs is not None else "off",
         )
 
     @property
@@ -126,13 +140,14 @@ class Engine:
         self.detokenizers.pop(request_id, None)
         return seq is not None and self.scheduler.abort(request_id) is not None
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
-
     # ---- decode role: KV written by a prefill worker -----------------------------------------------------
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Reservation | None:
         """Hold blocks for the prompt's KV; None when the cache is full now (retry later or elsewhere)."""
         self.check_request(prompt_ids, params)
+        if self._inflight is not None:
+            # NOTE: blocks freed while a step was in flight may still take that step's (stale) KV writes; they must
+            # land before another worker's transfer may write into reserved blocks, which is not stream-ordered
+            self._inflight.done.synchronize()
         seq = self._new_seq(request_id, prompt_ids, params)
         if not self.scheduler.reserve(seq):
             self._forget(request_id)
@@ -151,9 +166,15 @@ class Engine:
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.overlap:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        return self._run(batch) if batch else []
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+
+    def _run(self, batch: Batch) -> list[RequestOutput]:
         started = time.monotonic()
         result = self.runner.run(batch)
         self.scheduler.update(batch, started)
@@ -162,14 +183,67 @@ class Engine:
             for seq, token, logprob in zip(result.seqs, result.token_ids, result.logprobs, strict=True)
         ]
 
-    def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Decode steps overlap the host's work: step N+1 is launched (its inputs are step N's tokens, still on
+        the GPU, standing as placeholders in the sequences) before step N's tokens are read and processed.
+
+        NOTE: a sequence that step N finishes has already been scheduled into N+1; that extra token is dropped
+        and its KV write lands in the sequence's own blocks, ahead (in stream order) of any later reuse. Anything
+        that could preempt, admit or prefill first waits for the step in flight, so placeholders never reach a
+        recompute or the prefix cache.
+        """
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and (
+            self.scheduler.waiting or self.allocator.num_free < len(self.scheduler.running)
+        ):
+            outputs += self._collect()
+        batch = self.scheduler.schedule()
+        if batch and self.runner.can_launch(batch):
+            started = time.monotonic()
+            step = self.runner.launch(batch, self._inflight)
+            self.scheduler.update(batch, started)
+            for seq in step.seqs:
+                seq.token_ids.append(PLACEHOLDER)
+            previous, self._inflight = self._inflight, step
+            return outputs + (self._process(previous) if previous is not None else [])
+        if self._inflight is not None:
+            outputs += self._collect()
+            batch = Batch([i for i in batch.items if i.seq.status is SeqStatus.RUNNING])
+        return outputs + (self._run(batch) if batch else [])
+
+    def _collect(self) -> list[RequestOutput]:
+        step, self._inflight = self._inflight, None
+        return self._process(step) if step is not None else []
+
+    def _process(self, step: InFlight) -> list[RequestOutput]:
+        result = self.runner.collect(step)
+        outputs = []
+        for seq, position, token, logprob in zip(
+            result.seqs, step.positions, result.token_ids, result.logprobs, strict=True
+        ):
+            if seq.status is not SeqStatus.RUNNING or self.seqs.get(seq.request_id) is not seq:
+                continue  # finished or aborted after this step was launched: its token is dropped
+            outputs.append(self._emit(seq, token, logprob, position))
+            self.allocator.register_full_blocks(seq)
+        return outputs
+
+    def _emit(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None, position: int | None = None
+    ) -> RequestOutput:
+        """Take in a sampled token (appended, or written over its placeholder at `position`), detokenize it,
+        check the stop conditions, and describe what the request got."""
         params = seq.params
         queue_s = prefill_s = None
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
             scheduled = seq.scheduled_time or seq.first_token_time
             queue_s, prefill_s = scheduled - seq.arrival_time, seq.first_token_time - scheduled
-        seq.token_ids.append(token)
+        if position is None:
+            seq.token_ids.append(token)
+            position = seq.num_tokens - 1
+        else:
+            seq.token_ids[position] = token
+        produced = position + 1 - seq.prompt_len  # output tokens up to this one
         if logprob is not None:
             seq.logprobs.append(logprob)
         detok = self.detokenizers[seq.request_id]
@@ -181,7 +255,7 @@ class Engine:
             reason, stop_reason = "stop", token
         elif detok.check_stop(len(detok.text) - before, params.include_stop_str_in_output):
             reason, stop_reason = "stop", detok.stopped_by
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runtime.max_model_len:
+        elif produced >= params.max_tokens or position + 1 >= self.runtime.max_model_len:
             reason = "length"
         if self.config.role == "prefill" and reason is None:
             reason = "prefilled"
@@ -199,7 +273,7 @@ class Engine:
             finish_reason=reason,
             stop_reason=stop_reason,
             num_prompt_tokens=seq.prompt_len,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=produced,
             num_cached_tokens=seq.num_cached_tokens,
             new_logprobs=[logprob] if logprob is not None else [],
             queue_s=queue_s,
@@ -249,9 +323,10 @@ class Engine:
         if cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * 2**30
         elif device.type == "cuda":
-            # this process's share of the GPU, and never more than is free (other processes may share the GPU)
+            # this process's share of the GPU, and never more than is free (other processes may share the GPU);
+            # what the forward pass needs at its peak is kept back
             free, total = torch.cuda.mem_get_info(device)
-            reserve = GPU_ACTIVATION_RESERVE_GB * 2**30
+            reserve = GPU_ACTIVATION_RESERVE_GB * 2**30 + 2 * self._activation_bytes(dtype)
             own = torch.cuda.memory_reserved(device)
             budget = min(total * cfg.gpu_memory_utilization - own, free) - reserve
         else:
@@ -266,6 +341,14 @@ class Engine:
                 "raise gpu_memory_utilization or use a device with more memory."
             )
         return num_blocks
+
+    def _activation_bytes(self, dtype: torch.dtype) -> int:
+        """A bound on one forward pass's transient memory at the token budget (MLP and projections dominate)."""
+        m, tokens = self.model_config, self.config.max_num_batched_tokens
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_token = 3 * m.intermediate_size + 4 * m.hidden_size + m.q_size + 2 * m.kv_size
+        logits = self.config.max_num_seqs * m.vocab_size * 4
+        return tokens * per_token * elem + logits
 
     def _max_model_len(self, num_blocks: int) -> int:
         capacity = num_blocks * self.config.block_size

@@ -1,4 +1,5 @@
-"""Build a batch's model inputs, run the model over the paged cache, and sample."""
+"""Build a batch's model inputs, run the model over the paged cache (eagerly, or by replaying a CUDA graph for
+decode batches), and sample."""
 
 from __future__ import annotations
 
@@ -9,19 +10,44 @@ import torch
 from torch import nn
 
 from services.engine.attention import AttentionBackend, AttentionMetadata, BoundAttention
+from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.sampler import Sampler, SamplingBatch
 from services.engine.scheduler import Batch
-from services.engine.sequence import Sequence, TokenLogprob
+from services.engine.sequence import PLACEHOLDER, Sequence, TokenLogprob
 
 
 @dataclass
-class ModelInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # rows of the hidden states whose logits are sampled (last token of a sequence)
+class HostInputs:
+    """A batch laid out on the host: flattened tokens and, per sequence, its context."""
+
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: np.ndarray  # [S, max_blocks] int32, padded with 0
+    sample_rows: list[int]  # rows whose logits are sampled (the last token of a sequence that samples)
     sampling_seqs: list[Sequence]
     num_prompt_tokens: int  # rows at prompt positions
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+
+@dataclass
+class InFlight:
+    """A decode step launched on the GPU whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    positions: list[int]  # where each sequence's sampled token goes in its token_ids
+    tokens: torch.Tensor  # [n] on the device: the next step's inputs come from here
+    host_tokens: torch.Tensor  # [n] pinned, filled asynchronously
+    done: torch.cuda.Event
+    logprobs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # host copies
+
+    def row_of(self) -> dict[int, int]:
+        return {id(seq): i for i, seq in enumerate(self.seqs)}
 
 
 @dataclass
@@ -45,14 +71,22 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(generator)
+        self.graphs: DecodeGraphs | None = None
         self.num_computed_tokens = 0  # every token the model has run on, for accounting and tests
         self.num_computed_prompt_tokens = 0  # of which prompt positions (a decode worker must compute none)
+        self.num_graph_steps = 0
 
-    def prepare(self, batch: Batch) -> ModelInputs:
+    def capture_graphs(self, max_batch: int, max_blocks_per_seq: int, progress: bool) -> None:
+        self.graphs = DecodeGraphs(
+            self.model, self.backend, max_batch, max_blocks_per_seq, self.device, progress
+        )
+
+    def host_inputs(self, batch: Batch) -> HostInputs:
+        if all(item.num_new_tokens == 1 for item in batch.items):
+            return self._decode_inputs(batch)
         bs = self.block_size
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions, slots = [], []
         query_lens, seq_lens, sample_rows, sampling_seqs = [], [], [], []
         row = num_prompt_tokens = 0
         for item in batch.items:
@@ -69,63 +103,171 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row - 1)
                 sampling_seqs.append(seq)
-        width = max(len(i.seq.block_ids) for i in batch.items)
-        tables = np.zeros((len(batch.items), width), dtype=np.int32)
-        for i, item in enumerate(batch.items):
-            tables[i, : len(item.seq.block_ids)] = item.seq.block_ids
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor([0, *np.cumsum(query_lens)], dtype=torch.int32).to(
-                dev, non_blocking=True
-            ),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
-            query_lens_cpu=tuple(query_lens),
-            seq_lens_cpu=tuple(seq_lens),
-        )
-        return ModelInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
-            meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64).to(dev, non_blocking=True),
-            sampling_seqs=sampling_seqs,
-            num_prompt_tokens=num_prompt_tokens,
+        return HostInputs(
+            np.asarray(ids, dtype=np.int64),
+            np.concatenate(positions),
+            np.concatenate(slots),
+            query_lens,
+            seq_lens,
+            self._block_tables(batch),
+            sample_rows,
+            sampling_seqs,
+            num_prompt_tokens,
         )
 
-    def forward(self, inputs: ModelInputs) -> torch.Tensor:
-        self.num_computed_tokens += inputs.input_ids.numel()
-        self.num_computed_prompt_tokens += inputs.num_prompt_tokens
-        return self.model(inputs.input_ids, inputs.positions, BoundAttention(self.backend, inputs.meta))
+    def _decode_inputs(self, batch: Batch) -> HostInputs:
+        """One token per sequence (the hot path at large batch): plain Python ints, no per-sequence arrays."""
+        bs = self.block_size
+        seqs = [item.seq for item in batch.items]
+        positions = [item.start for item in batch.items]
+        ids = [seq.token_ids[pos] for seq, pos in zip(seqs, positions, strict=True)]
+        slots = [seq.block_ids[pos // bs] * bs + pos % bs for seq, pos in zip(seqs, positions, strict=True)]
+        prompt_rows = sum(pos < seq.prompt_len for seq, pos in zip(seqs, positions, strict=True))
+        n = len(seqs)
+        return HostInputs(
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(positions, dtype=np.int64),
+            np.asarray(slots, dtype=np.int64),
+            [1] * n,
+            [p + 1 for p in positions],
+            self._block_tables(batch),
+            list(range(n)),
+            seqs,
+            prompt_rows,
+        )
+
+    @staticmethod
+    def _block_tables(batch: Batch) -> np.ndarray:
+        tables = [item.seq.block_ids for item in batch.items]
+        width = max(len(t) for t in tables)
+        out = np.zeros((len(tables), width), dtype=np.int32)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = t
+        return out
+
+    def metadata(self, h: HostInputs) -> AttentionMetadata:
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(h.slots).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor([0, *np.cumsum(h.query_lens)], dtype=torch.int32).to(
+                dev, non_blocking=True
+            ),
+            seq_lens=torch.tensor(h.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(h.block_tables).to(dev, non_blocking=True),
+            query_lens_cpu=tuple(h.query_lens),
+            seq_lens_cpu=tuple(h.seq_lens),
+            num_decode_seqs=next((i for i, n in enumerate(h.query_lens) if n != 1), len(h.query_lens)),
+        )
+
+    def forward_eager(self, h: HostInputs) -> torch.Tensor:
+        """Hidden states of every row, [T, hidden]."""
+        input_ids = torch.from_numpy(h.token_ids).to(self.device, non_blocking=True)
+        positions = torch.from_numpy(h.positions).to(self.device, non_blocking=True)
+        return self.model(input_ids, positions, BoundAttention(self.backend, self.metadata(h)))
+
+    def sample_logits(self, h: HostInputs) -> torch.Tensor:
+        """Logits of the rows that sample, [len(sample_rows), vocab]."""
+        self.num_computed_tokens += len(h.token_ids)
+        self.num_computed_prompt_tokens += h.num_prompt_tokens
+        graphs = self.graphs
+        if graphs is not None and h.is_decode and graphs.bucket(len(h.token_ids)) is not None:
+            assert len(h.sample_rows) == len(h.token_ids), "every row of a decode batch samples"
+            self.num_graph_steps += 1
+            return graphs.run(h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables)
+        hidden = self.forward_eager(h)
+        rows = torch.tensor(h.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden[rows])
+
+    def can_launch(self, batch: Batch) -> bool:
+        """Whether a batch can run overlapped: a decode batch that a captured CUDA graph covers."""
+        return (
+            self.graphs is not None
+            and all(i.num_new_tokens == 1 and i.samples for i in batch.items)
+            and self.graphs.bucket(len(batch.items)) is not None
+        )
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, previous: InFlight | None) -> InFlight:
+        """Run a decode batch without waiting for it: inputs still on the device (placeholders) are taken from
+        the previous step's sampled tokens there; the sampled tokens are copied to the host in the background."""
+        assert self.graphs is not None
+        h = self.host_inputs(batch)
+        fill = None
+        pending = [row for row, token in enumerate(h.token_ids.tolist()) if token == PLACEHOLDER]
+        if pending:
+            assert previous is not None, "a placeholder input without a step in flight"
+            rows_of = previous.row_of()
+            src = [rows_of[id(h.sampling_seqs[row])] for row in pending]
+            dev = self.device
+            fill = (
+                torch.tensor(pending).to(dev, non_blocking=True),
+                previous.tokens[torch.tensor(src).to(dev, non_blocking=True)],
+            )
+        self.num_computed_tokens += len(h.token_ids)
+        self.num_computed_prompt_tokens += h.num_prompt_tokens
+        self.num_graph_steps += 1
+        logits = self.graphs.run(
+            h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables, fill
+        )
+        out = self.sampler(logits, SamplingBatch.from_seqs(h.sampling_seqs, self.device))
+        host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)
+        host.copy_(out.token_ids, non_blocking=True)
+        copies = tuple(
+            t.to("cpu", non_blocking=True) if t is not None else None
+            for t in (out.logprobs, out.top_ids, out.top_logprobs)
+        )
+        done = torch.cuda.Event()
+        done.record()
+        positions = [item.start + 1 for item in batch.items]
+        return InFlight(h.sampling_seqs, positions, out.token_ids, host, done, copies)  # type: ignore[arg-type]
+
+    def collect(self, step: InFlight) -> StepResult:
+        """Wait for a launched step and read its tokens (and logprobs)."""
+        step.done.synchronize()
+        token_ids = step.host_tokens.tolist()
+        return StepResult(step.seqs, token_ids, self._logprobs(step.seqs, token_ids, *step.logprobs))
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> StepResult:
-        inputs = self.prepare(batch)
-        hidden = self.forward(inputs)
-        seqs = inputs.sampling_seqs
-        if not seqs:
+        h = self.host_inputs(batch)
+        if not h.sampling_seqs:  # a prefill chunk that samples nothing
+            self.num_computed_tokens += len(h.token_ids)
+            self.num_computed_prompt_tokens += h.num_prompt_tokens
+            self.forward_eager(h)
             return StepResult([], [], [])
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        logits = self.sample_logits(h)
+        seqs = h.sampling_seqs
         out = self.sampler(logits, SamplingBatch.from_seqs(seqs, self.device))
         token_ids = out.token_ids.tolist()
+        return StepResult(
+            seqs, token_ids, self._logprobs(seqs, token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+        )
+
+    @staticmethod
+    def _logprobs(
+        seqs: list[Sequence],
+        token_ids: list[int],
+        chosen_t: torch.Tensor | None,
+        top_ids_t: torch.Tensor | None,
+        top_lps_t: torch.Tensor | None,
+    ) -> list[TokenLogprob | None]:
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        if out.logprobs is not None:
-            chosen = out.logprobs.tolist()
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            for i, seq in enumerate(seqs):
-                n = seq.params.logprobs
-                if n is None:
-                    continue
-                top = (
-                    list(zip(top_ids[i][:n], top_lps[i][:n], strict=True))
-                    if top_ids and top_lps and n
-                    else []
-                )
-                logprobs[i] = TokenLogprob(token_ids[i], chosen[i], top)
-        return StepResult(seqs, token_ids, logprobs)
+        if chosen_t is None:
+            return logprobs
+        chosen = chosen_t.tolist()
+        top_ids = top_ids_t.tolist() if top_ids_t is not None else None
+        top_lps = top_lps_t.tolist() if top_lps_t is not None else None
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            top = list(zip(top_ids[i][:n], top_lps[i][:n], strict=True)) if top_ids and top_lps and n else []
+            logprobs[i] = TokenLogprob(token_ids[i], chosen[i], top)
+        return logprobs
 
     @torch.inference_mode()
     def all_logits(self, batch: Batch) -> torch.Tensor:
         """Logits of every scheduled token (scoring / prompt logprobs), [num_tokens, vocab]."""
-        return self.model.compute_logits(self.forward(self.prepare(batch))).float()
+        h = self.host_inputs(batch)
+        self.num_computed_tokens += len(h.token_ids)
+        return self.model.compute_logits(self.forward_eager(h)).float()

@@ -17,12 +17,14 @@ from services.engine.sequence import Sequence
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor  # [B] float32, 0 = greedy
-    top_k: torch.Tensor  # [B] int64, 0 = off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
-    presence_penalty: torch.Tensor  # [B] float32
-    frequency_penalty: torch.Tensor  # [B] float32
+    """Per-row parameters; a tensor is only built when some row needs it (None otherwise)."""
+
+    temperature: torch.Tensor | None  # [B] float32, 0 = greedy
+    top_k: torch.Tensor | None  # [B] int64, 0 = off
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
+    presence_penalty: torch.Tensor | None  # [B] float32
+    frequency_penalty: torch.Tensor | None  # [B] float32
     output_ids: list[list[int]]  # for penalties
     generators: list[torch.Generator | None]
     num_logprobs: int | None  # the most top logprobs any row asks for; None if no row wants logprobs
@@ -40,21 +42,29 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         wanted = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy = all(p.greedy for p in params)
+        penalties = any(p.has_penalties for p in params)
+        any_top_k = any(p.top_k > 0 for p in params)
+        any_top_p = any(p.top_p < 1 for p in params)
+        any_min_p = any(p.min_p > 0 for p in params)
+        sampled = not all_greedy
         return cls(
-            temperature=col([p.temperature for p in params], torch.float32),
-            top_k=col([max(p.top_k, 0) for p in params], torch.int64),
-            top_p=col([p.top_p for p in params], torch.float32),
-            min_p=col([p.min_p for p in params], torch.float32),
-            presence_penalty=col([p.presence_penalty for p in params], torch.float32),
-            frequency_penalty=col([p.frequency_penalty for p in params], torch.float32),
-            output_ids=[s.output_ids for s in seqs] if any(p.has_penalties for p in params) else [],
-            generators=[s.generator for s in seqs],
+            temperature=col([p.temperature for p in params], torch.float32) if sampled else None,
+            top_k=col([max(p.top_k, 0) for p in params], torch.int64) if sampled else None,
+            top_p=col([p.top_p for p in params], torch.float32) if sampled and any_top_p else None,
+            min_p=col([p.min_p for p in params], torch.float32) if sampled and any_min_p else None,
+            presence_penalty=col([p.presence_penalty for p in params], torch.float32) if penalties else None,
+            frequency_penalty=col([p.frequency_penalty for p in params], torch.float32)
+            if penalties
+            else None,
+            output_ids=[s.output_ids for s in seqs] if penalties else [],
+            generators=[s.generator for s in seqs] if sampled else [],
             num_logprobs=max(wanted) if wanted else None,
-            all_greedy=all(p.greedy for p in params),
-            any_penalties=any(p.has_penalties for p in params),
-            any_top_k=any(p.top_k > 0 for p in params),
-            any_top_p=any(p.top_p < 1 for p in params),
-            any_min_p=any(p.min_p > 0 for p in params),
+            all_greedy=all_greedy,
+            any_penalties=penalties,
+            any_top_k=any_top_k,
+            any_top_p=any_top_p,
+            any_min_p=any_min_p,
         )
 
 
@@ -123,6 +133,8 @@ class Sampler:
         self.generator = generator  # for rows without a seed of their own
 
     def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> SamplerOutput:
+        if sb.all_greedy and not sb.any_penalties and sb.num_logprobs is None:
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # the common fast path: no upcast
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if sb.num_logprobs is not None else None
         if sb.any_penalties:

@@ -178,6 +178,8 @@ class Scheduler:
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
         """Grow seq's blocks to num_tokens, preempting later unscheduled sequences as needed (seq itself last)."""
+        if num_tokens <= len(seq.block_ids) * self.allocator.block_size:
+            return True  # the common case: room in the last block
         while not self.allocator.grow(seq, num_tokens):
             victims = [s for s in self.running if s.request_id not in scheduled and s is not seq]
             victim = victims[-1] if victims else seq
@@ -196,7 +198,7 @@ class Scheduler:
         self.stats.num_preemptions += 1
 
     def update(self, batch: Batch, now: float) -> None:
-        """After the model ran: the scheduled tokens' KV is now in the cache."""
+        """After the model ran (or was launched): the scheduled tokens' KV is in the cache."""
         for item in batch.items:
             if item.seq.status is not SeqStatus.RUNNING:
                 continue

@@ -10,6 +10,8 @@ import torch
 
 from services.engine.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped decode); replaced once the host has it
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # queued for (re)admission
@@ -53,6 +55,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows (all but a trailing placeholder)."""
+        n = len(self.token_ids)
+        while n and self.token_ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
 
     @property
     def num_output_tokens(self) -> int:

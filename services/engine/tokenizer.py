@@ -69,8 +69,16 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    @property
+    def raw(self) -> HFTokenizer:
+        """The underlying `tokenizers` object (for streaming decoders)."""
+        return self._tok
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.clean(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def clean(self, text: str) -> str:
+        """The clean-up of spaces before punctuation that some checkpoints ask for (tokenizer_config.json)."""
         return _clean_up(text) if self.clean_up_spaces else text
 
     def apply_chat_template(

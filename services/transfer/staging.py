@@ -64,11 +64,13 @@ class StagingBuffer:
         if self._stream is None:
             _copy_runs(kv, out, block_ids)
             return Fence(None)
+        from services.engine.kernels.block_copy import gather_blocks
+
         compute = torch.cuda.current_stream(kv.device)
         index = torch.tensor(block_ids, dtype=torch.int64, pin_memory=True).to(kv.device, non_blocking=True)
         self._stream.wait_stream(compute)  # the blocks' KV is written by kernels already queued
         with torch.cuda.stream(self._stream):
-            torch.index_select(kv, 0, index, out=out)
+            gather_blocks(kv, index, out)
             event = torch.cuda.Event()
             event.record(self._stream)
         index.record_stream(self._stream)

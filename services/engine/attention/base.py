@@ -2,12 +2,16 @@
 
 Metadata is built once per batch by the runner and passed down explicitly with the model call: two micro-batches
 (two-batch overlap) each carry their own, so nothing here is global.
+
+A layer calls, in order: `rope_and_store` (rotate q and k by position, write k and v into the paged cache) and
+`attend` (attention of q over each sequence's cached context). Backends may fuse the first step into one kernel.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -19,7 +23,8 @@ class AttentionMetadata:
     """Where each token of a flattened batch reads and writes KV.
 
     Tokens of sequence i are rows query_start_loc[i]:query_start_loc[i+1] of q/k/v; they are the last
-    query_lens[i] positions of a context of seq_lens[i] tokens whose blocks are block_tables[i].
+    query_lens[i] positions of a context of seq_lens[i] tokens whose blocks are block_tables[i]. The first
+    num_decode_seqs sequences have exactly one new token each (the scheduler puts decodes first).
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64; -1 = do not store
@@ -28,6 +33,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     query_lens_cpu: tuple[int, ...]
     seq_lens_cpu: tuple[int, ...]
+    num_decode_seqs: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -42,20 +48,45 @@ class AttentionMetadata:
         return max(self.seq_lens_cpu, default=0)
 
 
+class Rotary(Protocol):
+    cos: torch.Tensor  # [max_positions, head_dim / 2] float32
+    sin: torch.Tensor
+
+    def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class AttentionBackend(ABC):
     """Stores the new K/V of a layer into the paged cache and attends over each sequence's context."""
 
     name: str
 
-    def __init__(self, kv_cache: KVCache, scale: float) -> None:
+    def __init__(self, kv_cache: KVCache, scale: float, max_model_len: int) -> None:
         self.kv_cache = kv_cache
         self.scale = scale
+        self.max_model_len = max_model_len
+
+    def rope_and_store(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> rotated (q, k); k and v are stored at meta.slot_mapping."""
+        from services.engine.attention.torch_backend import store_kv
+
+        q, k = rotary(positions, q), rotary(positions, k)
+        store_kv(*self.kv_cache.layer(layer), k, v, meta.slot_mapping)
+        return q, k
 
     @abstractmethod
-    def forward(
+    def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+        """q: [T, Hq, D] (k/v: this batch's new [T, Hkv, D], already in the cache) -> [T, Hq, D]."""
 
 
 @dataclass(frozen=True)
@@ -65,5 +96,16 @@ class BoundAttention:
     backend: AttentionBackend
     meta: AttentionMetadata
 
+    def rope_and_store(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.rope_and_store(layer, q, k, v, positions, rotary, self.meta)
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.backend.forward(layer, q, k, v, self.meta)
+        return self.backend.attend(layer, q, k, v, self.meta)

@@ -26,11 +26,10 @@ def store_kv(
 class TorchAttention(AttentionBackend):
     name = "torch"
 
-    def forward(
+    def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache.layer(layer)
-        store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         block_size = k_cache.shape[1]
         out = torch.empty_like(q)
         start = 0

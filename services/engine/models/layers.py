@@ -38,6 +38,11 @@ class Linear(nn.Module):
         self.bias = _param(sizes, shards=shards) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1 and _fused(x):
+            # one row (decode at batch 1): a GEMV kernel streams the weight faster than the BLAS library does
+            from services.engine.kernels.gemv import gemv
+
+            return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -50,13 +55,34 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+def _fused(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor (CUDA with Triton installed)."""
+    from services.engine import kernels
+
+    return x.is_cuda and kernels.available(x.device)
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm; with `residual`, first adds it (x + residual) and returns (normed, sum), as one kernel on GPU."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = _param(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if _fused(x) and x.dim() == 2:
+            from services.engine.kernels.norm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: normalise in fp32 and cast back before the weight, as the reference implementation does;
         # other orders change bf16 results.
         dtype = x.dtype
@@ -66,6 +92,10 @@ class RMSNorm(nn.Module):
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _fused(gate_up):
+        from services.engine.kernels.activation import silu_and_mul as fused
+
+        return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

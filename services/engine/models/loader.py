@@ -58,12 +58,29 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, progress: bool = True
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+    load_format: str = "safetensors",
 ) -> nn.Module:
     with torch.device(device), _default_dtype(dtype):
         model = MODEL_CLASSES[cfg.family](cfg)
-    load_weights(model, cfg, progress)
+    if load_format == "dummy":
+        random_weights(model)
+    else:
+        load_weights(model, cfg, progress)
     return model.eval()
+
+
+@torch.no_grad()
+def random_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Fill parameters in place (norm weights 1, the rest N(0, std)): a model to benchmark, no checkpoint read."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std)
 
 
 def load_weights(model: nn.Module, cfg: ModelConfig, progress: bool = True) -> None:

@@ -1,0 +1,89 @@
+"""GPU attention: a fused rotary + KV-store kernel, a paged split-K decode kernel, and PyTorch's SDPA (flash)
+for prefill, over the fresh K/V when there is no cached prefix and over the gathered cache otherwise.
+
+The decode path reads nothing from the host, so it can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from services.engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
+from services.engine.kernels.decode_attention import decode_attention, num_splits_for
+from services.engine.kernels.rope_store import rope_and_store
+from services.engine.kv_cache import KVCache
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, kv_cache: KVCache, scale: float, max_model_len: int) -> None:
+        super().__init__(kv_cache, scale, max_model_len)
+        self.block_size = kv_cache.layout.block_size
+        device = kv_cache.kv.device
+        self.sm_count = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        )
+
+    def rope_and_store(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_and_store(
+            q, k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping, *self.kv_cache.layer(layer)
+        )
+        return q, k
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache.layer(layer)
+        out = torch.empty_like(q)
+        decodes = meta.num_decode_seqs
+        if decodes:
+            splits = num_splits_for(decodes, k_cache.shape[2], self.sm_count)
+            decode_attention(
+                q[:decodes],
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
+                splits,
+                out=out[:decodes],
+            )
+        start = decodes
+        for i in range(decodes, meta.num_seqs):
+            n, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            rows = slice(start, start + n)
+            query = q[rows].transpose(0, 1)  # [Hq, n, D]
+            group = q.shape[1] // k.shape[1]
+            if n == ctx:  # no cached prefix: attend over this batch's own K/V
+                keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                mask, causal = None, n > 1
+            else:
+                blocks = meta.block_tables[i, : -(-ctx // self.block_size)].long()
+                keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+                values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+                mask, causal = causal_lower_right(n, ctx), False
+            # NOTE: K/V heads are expanded for GQA (cheap next to the attention itself) so that SDPA takes its
+            # flash / memory-efficient kernels, never the quadratic-memory fallback
+            o = F.scaled_dot_product_attention(  # 4-D inputs: the fused kernels accept nothing else
+                query[None],
+                keys.repeat_interleave(group, 0)[None],
+                values.repeat_interleave(group, 0)[None],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+            )[0]
+            out[rows] = o.transpose(0, 1)
+            start += n
+        return out

@@ -1,0 +1,296 @@
+"""The GPU fast path against the reference: Triton kernels, the triton attention backend on random paged layouts,
+and greedy generation with the triton backend (and CUDA graphs, on a GPU) against the torch backend and
+`transformers`. Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine import kernels
+from services.engine.attention.base import AttentionMetadata, BoundAttention
+from services.engine.kv_cache import KVCache, KVLayout
+from services.engine.model_config import RopeConfig
+from services.engine.models.layers import RotaryEmbedding
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs Triton (GPU or interpreter)")
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 2e-5 if dtype == torch.float32 else 2e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_and_fused_add(dtype: torch.dtype) -> None:
+    from services.engine.kernels.norm import rmsnorm
+
+    x, r = torch.randn(9, 256, dtype=dtype, device=DEVICE), torch.randn(9, 256, dtype=dtype, device=DEVICE)
+    w = torch.randn(256, dtype=dtype, device=DEVICE)
+
+    def ref(v: torch.Tensor) -> torch.Tensor:
+        v32 = v.float()
+        return w * (v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    assert torch.allclose(rmsnorm(x, w, 1e-6).float(), ref(x).float(), atol=tol(dtype), rtol=tol(dtype))
+    out, summed = rmsnorm(x, w, 1e-6, r)
+    assert torch.equal(summed, x + r)
+    assert torch.allclose(out.float(), ref(x + r).float(), atol=tol(dtype), rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_matches_linear(dtype: torch.dtype, rows: int) -> None:
+    from services.engine.kernels.gemv import gemv
+
+    x = torch.randn(rows, 1000, dtype=dtype, device=DEVICE)
+    w, b = torch.randn(300, 1000, dtype=dtype, device=DEVICE), torch.randn(300, dtype=dtype, device=DEVICE)
+    for config in (None, (16, 256, 4, 4)):
+        got, want = gemv(x, w, b, config).float(), F.linear(x.float(), w.float(), b.float())
+        assert torch.allclose(got, want, atol=tol(dtype) * 30, rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    from services.engine.kernels.activation import silu_and_mul
+
+    x = torch.randn(5, 2 * 300, dtype=dtype, device=DEVICE)
+    gate, up = x.chunk(2, -1)
+    assert torch.allclose(
+        silu_and_mul(x).float(), (F.silu(gate) * up).float(), atol=tol(dtype), rtol=tol(dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_store_matches_rotary_then_store(dtype: torch.dtype) -> None:
+    from services.engine.attention.torch_backend import store_kv
+    from services.engine.kernels.rope_store import rope_and_store
+
+    tokens, hq, hkv, d = 7, 8, 2, 64
+    rotary = RotaryEmbedding(
+        d,
+        512,
+        RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, original_max_position_embeddings=128),
+    ).to(DEVICE)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=DEVICE)
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([hq * d, hkv * d, hkv * d], -1))
+    positions = torch.tensor([0, 1, 9, 100, 511, 3, 64], device=DEVICE)
+    slots = torch.tensor([5, -1, 0, 31, 17, 8, 12], device=DEVICE)  # -1: not stored
+    kv = torch.zeros(8, 2, 2, 4, hkv, d, dtype=dtype, device=DEVICE)
+    expected_q, expected_k = rotary(positions, q.clone()), rotary(positions, k.clone())
+    expected_kv = kv.clone()
+    store_kv(expected_kv[:, 1, 0], expected_kv[:, 1, 1], expected_k, v, slots)
+    rope_and_store(q, k, v, positions, rotary.cos, rotary.sin, slots, kv[:, 1, 0], kv[:, 1, 1])
+    # interpreted: bit-identical; compiled, the GPU may contract multiply-adds and round once less
+    exact = not CUDA
+    for got, want in ((q, expected_q), (k, expected_k), (kv, expected_kv)):
+        assert (
+            torch.equal(got, want)
+            if exact
+            else torch.allclose(got.float(), want.float(), atol=tol(dtype), rtol=tol(dtype))
+        )
+
+
+def paged(dtype: torch.dtype, seq_lens: list[int], hkv: int = 2, d: int = 64, block_size: int = 16):
+    layout = KVLayout(256, 2, block_size, hkv, d, dtype)
+    cache = KVCache(layout, DEVICE)
+    cache.kv.normal_()
+    width = max(math.ceil(n / block_size) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32, device=DEVICE)
+    free = torch.randperm(256).tolist()  # blocks scattered over the pool
+    for i, n in enumerate(seq_lens):
+        for j in range(math.ceil(n / block_size)):
+            tables[i, j] = free.pop()
+    return cache, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq", [2, 8])
+def test_decode_attention_matches_sdpa(dtype: torch.dtype, hq: int) -> None:
+    from services.engine.kernels.decode_attention import decode_attention
+
+    seq_lens = [1, 15, 16, 17, 200, 513]
+    cache, tables = paged(dtype, seq_lens)
+    k_cache, v_cache = cache.layer(1)
+    q = torch.randn(len(seq_lens), hq, 64, dtype=dtype, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    for splits in (1, 3, 8):
+        check_decode(
+            decode_attention(q, k_cache, v_cache, tables, lens, 0.125, splits),
+            q,
+            k_cache,
+            v_cache,
+            tables,
+            seq_lens,
+            dtype,
+        )
+
+
+def check_decode(out, q, k_cache, v_cache, tables, seq_lens, dtype) -> None:  # type: ignore[no-untyped-def]
+    for i, n in enumerate(seq_lens):
+        blocks = tables[i, : math.ceil(n / 16)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:n].transpose(0, 1).float()
+        values = v_cache[blocks].flatten(0, 1)[:n].transpose(0, 1).float()
+        ref = F.scaled_dot_product_attention(
+            q[i, :, None].float(), keys, values, scale=0.125, enable_gqa=True
+        )
+        assert torch.allclose(out[i].float(), ref[:, 0], atol=tol(dtype), rtol=tol(dtype)), (
+            f"sequence {i} ({n})"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_backend_matches_torch_backend_on_mixed_batches(dtype: torch.dtype) -> None:
+    """Decodes, a prefill chunk after a cached prefix and a fresh prefill, in one batch, on scattered blocks."""
+    from services.engine.attention.torch_backend import TorchAttention
+    from services.engine.attention.triton_backend import TritonAttention
+
+    hq, hkv, d, bs = 8, 2, 64, 16
+    query_lens, seq_lens = [1, 1, 1, 37, 20], [5, 130, 64, 90, 20]
+    cache, tables = paged(dtype, seq_lens, hkv, d, bs)
+    tokens = sum(query_lens)
+    slots = []
+    for i, (n, ctx) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        for pos in range(ctx - n, ctx):
+            slots.append(int(tables[i, pos // bs]) * bs + pos % bs)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=DEVICE),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=tables,
+        query_lens_cpu=tuple(query_lens),
+        seq_lens_cpu=tuple(seq_lens),
+        num_decode_seqs=3,
+    )
+    rotary = RotaryEmbedding(d, 256, RopeConfig(theta=10000.0)).to(DEVICE)
+    positions = torch.tensor(
+        [p for n, c in zip(query_lens, seq_lens, strict=True) for p in range(c - n, c)], device=DEVICE
+    )
+    q = torch.randn(tokens, hq, d, dtype=dtype, device=DEVICE)
+    k, v = (
+        torch.randn(tokens, hkv, d, dtype=dtype, device=DEVICE),
+        torch.randn(tokens, hkv, d, dtype=dtype, device=DEVICE),
+    )
+    outs = []
+    for cls in (TorchAttention, TritonAttention):
+        c = KVCache(cache.layout, DEVICE)
+        c.kv.copy_(cache.kv)
+        attn = BoundAttention(cls(c, d**-0.5, 1024), meta)
+        qr, kr = attn.rope_and_store(0, q.clone(), k.clone(), v, positions, rotary)
+        outs.append((attn(0, qr, kr, v), c.kv))
+    (ref, ref_kv), (got, got_kv) = outs
+    # interpreted: bit-identical; compiled, the GPU may contract the rotary's multiply-adds
+    assert (
+        torch.equal(got_kv, ref_kv)
+        if not CUDA
+        else torch.allclose(got_kv.float(), ref_kv.float(), atol=tol(dtype))
+    )
+    assert torch.allclose(got.float(), ref.float(), atol=tol(dtype), rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_staging_block_copies(dtype: torch.dtype) -> None:
+    from services.engine.kernels.block_copy import gather_blocks, scatter_blocks
+
+    pool = torch.randn(12, 2, 2, 4, 2, 8, dtype=dtype, device=DEVICE)
+    ids = torch.tensor([7, 2, 11, 3], device=DEVICE)
+    staging = torch.empty(4, *pool.shape[1:], dtype=dtype, device=DEVICE)
+    gather_blocks(pool, ids, staging)
+    assert torch.equal(staging, pool[ids])
+    back = torch.zeros_like(pool)
+    scatter_blocks(staging, back, ids)
+    assert torch.equal(back[ids], pool[ids]) and not back[[0, 1, 4]].any()
+
+
+def test_greedy_generation_with_the_triton_backend(llama_checkpoint: Path) -> None:
+    """Token-identical to the torch backend (CPU: kernels interpreted); on a GPU also with CUDA graphs, against
+    eager and transformers."""
+    from services.engine import LLM, SamplingParams
+
+    prompts = [[0, *range(5, 5 + n)] for n in (3, 30, 70)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(device=str(DEVICE), dtype="float32", block_size=16, max_model_len=512, progress=False)
+    reference = LLM(str(llama_checkpoint), attention_backend="torch", **common).generate(prompts, params)
+    eager = LLM(str(llama_checkpoint), attention_backend="triton", cuda_graphs=False, **common)
+    assert [o.token_ids for o in eager.generate(prompts, params)] == [o.token_ids for o in reference]
+    if CUDA:
+        from transformers import AutoModelForCausalLM
+
+        from tests.test_models_vs_transformers import hf_generate
+
+        graphs = LLM(str(llama_checkpoint), attention_backend="triton", cuda_graphs=True, **common)
+        outs = graphs.generate(prompts, params)
+        assert graphs.engine.runner.num_graph_steps > 0
+        assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+        hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out.token_ids == hf_generate(hf, prompt, 12)[0]
+
+
+@pytest.mark.skipif(not CUDA, reason="overlapped decode runs with CUDA graphs")
+def test_overlapped_decode_matches_step_by_step(llama_checkpoint: Path) -> None:
+    """Stops of every kind, aborts and new arrivals while steps overlap: the same tokens as without overlap."""
+    from services.engine import Engine, EngineConfig, SamplingParams
+
+    def engine(overlap: bool) -> Engine:
+        return Engine(
+            EngineConfig(
+                str(llama_checkpoint),
+                device="cuda",
+                dtype="float32",
+                max_model_len=512,
+                overlap_scheduling=overlap,
+                progress=False,
+            )
+        )
+
+    free = engine(False)
+    free.add_request(
+        "probe", [0, *range(40, 60)], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    )
+    probe = [t for _ in range(40) for o in free.step() for t in o.new_token_ids]
+    cases = {
+        "long": ([0, *range(5, 45)], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+        "stop-token": (
+            [0, *range(40, 60)],
+            SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(probe[7],)),
+        ),
+        "short": ([0, 9, 8, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
+        "seeded": (
+            [0, *range(100, 130)],
+            SamplingParams(max_tokens=25, temperature=1.0, seed=3, ignore_eos=True),
+        ),
+        "aborted": ([0, *range(60, 70)], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)),
+    }
+    results = []
+    for overlap in (False, True):
+        e = engine(overlap)
+        assert e.overlap == overlap
+        tokens: dict[str, list[int]] = {rid: [] for rid in [*cases, "late"]}
+        for rid, (prompt, params) in cases.items():
+            e.add_request(rid, prompt, params)
+        steps = 0
+        while e.has_unfinished():
+            for out in e.step():
+                tokens[out.request_id] += out.new_token_ids
+            steps += 1
+            if steps == 6:
+                e.abort("aborted")
+                tokens["aborted"] = tokens["aborted"][
+                    :3
+                ]  # what was streamed before the abort may differ by a step
+                e.add_request(
+                    "late",
+                    [0, *range(200, 240)],
+                    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                )
+        assert e.allocator.num_used == 0 and not e.seqs
+        results.append(tokens)
+    assert results[0] == results[1]
+    assert results[1]["stop-token"][-1] == probe[7] and len(results[1]["short"]) == 3
