@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+
+import torch
+
+# NOTE: before anything imports Triton: without a GPU, Triton kernels run in Triton's interpreter so their logic is
+# still checked against PyTorch
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest
-import torch
 
 from services.engine.tiny_model import build_tokenizer, write_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# without a GPU, Triton kernels run in Triton's interpreter so their logic is still checked against PyTorch
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 ARCHS = ("llama", "qwen2", "qwen3")

@@ -81,7 +81,8 @@ class Engine:
         )
         generator = torch.Generator(device).manual_seed(config.seed)
         self.runner = ModelRunner(self.model, backend, config.block_size, device, generator)
-        if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs:
+        graphable = self.model_config.mla is None  # latent attention runs per sequence, eagerly
+        if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:
             max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
             self.runner.capture_graphs(max_batch, -(-max_model_len // config.block_size), config.progress)
         # decode steps overlap host work where graphs run them (not in the prefill role: it never decodes)

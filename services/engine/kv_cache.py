@@ -2,7 +2,7 @@
 
 Layout (the one place it is written down; kernels, the allocator and KV transfer rely on it):
 
-    kv[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+    kv[num_blocks, num_layers, parts, block_size, num_kv_heads, head_dim]     parts = 2 (K, V)
         block b ─┬─ layer 0 ─┬─ K: block_size x heads x head_dim
                  │           └─ V: block_size x heads x head_dim
                  ├─ layer 1 ─ ...
@@ -13,6 +13,9 @@ contiguous byte range: KV transfer sends one descriptor per run of blocks, not o
 A token's slot is `block_id * block_size + offset`; slot -1 means "do not store" (padding rows).
 Per-layer views `kv[:, layer, 0]` are strided tensors [num_blocks, block_size, heads, head_dim] that attention
 backends index by block table.
+
+Multi-head latent attention (DeepSeek) caches one compressed latent per token instead of K and V: parts = 1,
+one "head" of kv_lora_rank + rope dims.
 """
 
 from __future__ import annotations
@@ -32,15 +35,23 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    parts: int = 2  # K and V; 1 for a latent cache
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        return (
+            self.num_blocks,
+            self.num_layers,
+            self.parts,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+        )
 
     @property
     def block_nbytes(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return self.num_layers * self.parts * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     @property
     def num_slots(self) -> int:
@@ -48,10 +59,13 @@ class KVLayout:
 
     def fingerprint(self, model: str) -> str:
         """What two workers must agree on for KV bytes to be interchangeable (block count excluded)."""
-        return f"{model}|{self.dtype}|L{self.num_layers}|B{self.block_size}|H{self.num_kv_heads}|D{self.head_dim}"
+        parts = f"L{self.num_layers}|P{self.parts}|B{self.block_size}|H{self.num_kv_heads}|D{self.head_dim}"
+        return f"{model}|{self.dtype}|{parts}"
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVLayout:
+        if cfg.mla is not None:
+            return cls(num_blocks, cfg.num_layers, block_size, 1, cfg.mla.latent_dim, dtype, parts=1)
         return cls(num_blocks, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
 
 
@@ -62,7 +76,12 @@ class KVCache:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V caches of one layer: [num_blocks, block_size, num_kv_heads, head_dim] each (strided views)."""
+        assert self.layout.parts == 2, "a latent cache has no separate K and V: use latent()"
         return self.kv[:, layer, 0], self.kv[:, layer, 1]
+
+    def latent(self, layer: int) -> torch.Tensor:
+        """The latent cache of one layer: [num_blocks, block_size, 1, latent_dim] (strided view)."""
+        return self.kv[:, layer, 0]
 
     def blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of whole blocks (all layers), [len(block_ids), num_layers, 2, block_size, heads, head_dim]."""

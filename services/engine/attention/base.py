@@ -82,6 +82,21 @@ class AttentionBackend(ABC):
         store_kv(*self.kv_cache.layer(layer), k, v, meta.slot_mapping)
         return q, k
 
+    def store_latent(self, layer: int, latent: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Latent attention: write each token's latent [T, D] at its slot (slot -1: not stored)."""
+        cache = self.kv_cache.latent(layer)
+        block_size = cache.shape[1]
+        keep = meta.slot_mapping >= 0
+        slots = meta.slot_mapping[keep]
+        cache[slots // block_size, slots % block_size, 0] = latent[keep].to(cache.dtype)
+
+    def latent_context(self, layer: int, seq: int, meta: AttentionMetadata) -> torch.Tensor:
+        """Latent attention: the cached latents of sequence `seq` of the batch, [context, D]."""
+        cache = self.kv_cache.latent(layer)
+        block_size, ctx = cache.shape[1], meta.seq_lens_cpu[seq]
+        blocks = meta.block_tables[seq, : -(-ctx // block_size)].long()
+        return cache[blocks].flatten(0, 1)[:ctx, 0]
+
     @abstractmethod
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -109,3 +124,9 @@ class BoundAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.backend.attend(layer, q, k, v, self.meta)
+
+    def store_latent(self, layer: int, latent: torch.Tensor) -> None:
+        self.backend.store_latent(layer, latent, self.meta)
+
+    def latent_context(self, layer: int, seq: int) -> torch.Tensor:
+        return self.backend.latent_context(layer, seq, self.meta)

@@ -7,6 +7,8 @@ Inputs are flattened batches: `input_ids` and `positions` are [num_tokens], hidd
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 from torch import nn
 
@@ -56,9 +58,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        size = cfg.intermediate_size
+        size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, {"gate": size, "up": size}, bias=cfg.mlp_bias)
         self.down_proj = Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
 
@@ -67,12 +69,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer, rotary)
+        self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, attn: BoundAttention
@@ -88,11 +90,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: BoundAttention) -> torch.Tensor:
@@ -104,15 +105,51 @@ class DecoderModel(nn.Module):
 
 
 class DenseForCausalLM(nn.Module):
+    """A decoder-only model: `make_attention` and `make_mlp` give each layer's blocks (overridden by MoE and MLA
+    models); checkpoint tensor names map onto parameters through `checkpoint_target`."""
+
     packed_modules = PACKED
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
+        rotary = self.make_rotary(cfg)
+        layers = [
+            DecoderLayer(cfg, self.make_attention(cfg, i, rotary), self.make_mlp(cfg, i))
+            for i in range(cfg.num_layers)
+        ]
+        self.model = DecoderModel(cfg, layers)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def make_rotary(cfg: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
+
+    @staticmethod
+    def make_attention(cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> nn.Module:
+        return Attention(cfg, layer, rotary)
+
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+        return MLP(cfg)
+
+    def checkpoint_target(self, key: str) -> tuple[str, Hashable] | None:
+        """(parameter name, shard) of a checkpoint tensor: '...q_proj.weight' -> ('...qkv_proj.weight', 'q')."""
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in self.packed_modules:
+                module, shard = self.packed_modules[part]
+                return ".".join([*parts[:i], module, *parts[i + 1 :]]), shard
+        return key, None
+
+    def checkpoint_name(self, name: str, shard: Hashable) -> str:
+        """The checkpoint name of a parameter shard, for error messages (the reverse of checkpoint_target)."""
+        for original, (module, key) in self.packed_modules.items():
+            if key == shard and f".{module}." in f".{name}":
+                return f".{name}".replace(f".{module}.", f".{original}.")[1:]
+        return name if shard is None else f"{name}[{shard}]"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: BoundAttention) -> torch.Tensor:
         return self.model(input_ids, positions, attn)

@@ -1,14 +1,17 @@
 """Building blocks shared by the model definitions.
 
 Parameters are allocated uninitialised (`torch.empty`) on the target device and dtype: the loader copies each
-checkpoint tensor straight into its parameter, so a model is never built twice. A parameter that packs several
-checkpoint tensors (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) records its shards as
-`param.shards = {name: (offset, size)}` along dimension 0; the loader fills each shard exactly once.
+checkpoint tensor straight into its parameter, so a model is never built twice. Every parameter carries
+`param.shards`: for each checkpoint tensor that lands in it (keyed, e.g. "q" of a packed q/k/v projection or
+("gate", 3) of stacked experts), where it goes (`dest`, a view of the parameter) and which part of the checkpoint
+tensor this rank keeps (`source`, for tensor parallelism). The loader fills each shard exactly once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +20,34 @@ from torch import nn
 from services.engine.model_config import RopeConfig
 
 
-def _param(*shape: int, shards: dict[str, tuple[int, int]] | None = None) -> nn.Parameter:
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Shard:
+    dest: Callable[[torch.Tensor], torch.Tensor] = _whole  # parameter data -> where this tensor goes
+    source: Callable[[torch.Tensor], torch.Tensor] = _whole  # checkpoint tensor -> the part kept here
+
+
+def narrow(dim: int, start: int, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t.narrow(dim, start, size)
+
+
+def _param(*shape: int, shards: dict[Hashable, Shard] | None = None) -> nn.Parameter:
     p = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    p.shards = shards  # type: ignore[attr-defined]
+    p.shards = shards or {None: Shard()}  # type: ignore[attr-defined]
     return p
+
+
+def packed(sizes: dict[str, int], dim: int = 0) -> tuple[int, dict[Hashable, Shard]]:
+    """Checkpoint tensors laid end to end along `dim`: (total size, their shards)."""
+    shards: dict[Hashable, Shard] = {}
+    offset = 0
+    for name, size in sizes.items():
+        shards[name] = Shard(dest=narrow(dim, offset, size))
+        offset += size
+    return offset, shards
 
 
 class Linear(nn.Module):
@@ -29,13 +56,11 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_shards: dict[str, int] | int, bias: bool = False) -> None:
         super().__init__()
         if isinstance(out_shards, int):
-            sizes, shards = out_shards, None
+            size, shards = out_shards, None
         else:
-            offsets = [0, *torch.tensor(list(out_shards.values())).cumsum(0).tolist()]
-            shards = {n: (offsets[i], s) for i, (n, s) in enumerate(out_shards.items())}
-            sizes = offsets[-1]
-        self.weight = _param(sizes, in_features, shards=shards)
-        self.bias = _param(sizes, shards=shards) if bias else None
+            size, shards = packed(out_shards)
+        self.weight = _param(size, in_features, shards=shards)
+        self.bias = _param(size, shards=shards) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1 and _fused(x):
@@ -100,10 +125,55 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """How much YaRN scales cos/sin (1 for the other rope types)."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return _yarn_mscale(rope.factor)
+
+
+def yarn_softmax_scale(rope: RopeConfig, scale: float) -> float:
+    """DeepSeek's YaRN also rescales the attention softmax by mscale(all_dim)^2."""
+    if rope.rope_type != "default" and rope.mscale_all_dim:
+        m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        return scale * m * m
+    return scale
+
+
+def _yarn_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    pos_freqs = rope.theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (rope.factor * pos_freqs)
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(rope.theta)
+        )
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = torch.clamp(
+        (torch.arange(head_dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001), 0, 1
+    )
+    keep = 1 - ramp  # 1: extrapolate (high frequencies kept), 0: interpolate
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, rope)
     if rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings
         low_wavelen = old_len / rope.low_freq_factor
@@ -119,17 +189,21 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding (rotate halves) with a cos/sin table for every position."""
+    """Rotary embedding with a cos/sin table for every position. Neox style (the two halves of the head are the
+    pairs) by default; `interleaved` (DeepSeek) pairs (x0, x1), (x2, x3), ... and returns them as two halves, as
+    the reference implementation does (q and k alike, so attention scores are the same)."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(head_dim, rope))
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim / 2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        factor = rope_attention_factor(rope)
+        self.interleaved = rope.interleaved
+        self.register_buffer("cos", freqs.cos() * factor, persistent=False)  # [max_positions, head_dim / 2]
+        self.register_buffer("sin", freqs.sin() * factor, persistent=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, head_dim] -> same shape, rotated by each token's position."""
         cos = self.cos[positions].unsqueeze(1).to(x.dtype)
         sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
+        x1, x2 = (x[..., 0::2], x[..., 1::2]) if self.interleaved else x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

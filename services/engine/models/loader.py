@@ -14,12 +14,18 @@ from tqdm import tqdm
 
 from services.engine.errors import CheckpointError
 from services.engine.model_config import ModelConfig
+from services.engine.models.deepseek import DeepseekForCausalLM
 from services.engine.models.dense import DenseForCausalLM
+from services.engine.models.moe import MoeForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": DenseForCausalLM,
     "qwen2": DenseForCausalLM,
     "qwen3": DenseForCausalLM,
+    "qwen3_moe": MoeForCausalLM,
+    "mixtral": MoeForCausalLM,
+    "deepseek_v2": DeepseekForCausalLM,
+    "deepseek_v3": DeepseekForCausalLM,
 }
 # tensors some checkpoints carry that the engine recomputes
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -84,9 +90,14 @@ def random_weights(model: nn.Module, std: float = 0.02) -> None:
 
 
 def load_weights(model: nn.Module, cfg: ModelConfig, progress: bool = True) -> None:
+    """Copy every checkpoint tensor into its parameter shard; every shard must be filled exactly once.
+
+    `model.checkpoint_target(key)` names (parameter, shard) for a checkpoint tensor, or None for a tensor this
+    rank does not hold (another rank's experts); `model.checkpoint_name` names a shard back for messages.
+    """
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
-    loaded: set[tuple[str, str | None]] = set()
+    target, name_of = model.checkpoint_target, model.checkpoint_name
+    loaded: set[tuple[str, object]] = set()
     files = safetensors_files(cfg.path)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     total = sum(len(h.keys()) for h in handles)
@@ -99,52 +110,35 @@ def load_weights(model: nn.Module, cfg: ModelConfig, progress: bool = True) -> N
                 bar.update()
                 if key.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     continue
-                name, shard = _target(key, packed)
+                found = target(key)
+                if found is None:
+                    continue
+                name, shard_key = found
                 param = params.get(name)
-                if param is None:
+                shard = param.shards.get(shard_key) if param is not None else None  # type: ignore[attr-defined]
+                if shard is None:
                     raise CheckpointError(
                         f"{file}: unexpected tensor '{key}' for {cfg.architecture} "
                         f"(config.json describes a different model, or the checkpoint is not a {cfg.architecture})."
                     )
-                dest = param.data
-                shards = getattr(param, "shards", None)
-                if shard is not None and shards is not None:
-                    offset, size = shards[shard]
-                    dest = dest.narrow(0, offset, size)
-                tensor = handle.get_tensor(key)
+                dest = shard.dest(param.data)
+                tensor = shard.source(handle.get_tensor(key))
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise CheckpointError(
                         f"{file}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)} "
                         f"from config.json; the weights and config.json do not describe the same model."
                     )
                 dest.copy_(tensor)
-                loaded.add((name, shard))
-    missing = []
-    for name, param in params.items():
-        shards = getattr(param, "shards", None)
-        for shard in shards or [None]:
-            if (name, shard) not in loaded:
-                missing.append(_checkpoint_name(name, shard, packed))
+                loaded.add((name, shard_key))
+    missing = [
+        name_of(name, shard_key)
+        for name, param in params.items()
+        for shard_key in param.shards  # type: ignore[attr-defined]
+        if (name, shard_key) not in loaded
+    ]
     if missing:
         raise CheckpointError(
             f"{cfg.path}: missing weight(s) in {', '.join(f.name for f in files)}: {', '.join(missing[:8])}"
             + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             + "; the checkpoint is incomplete."
         )
-
-
-def _target(key: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in packed:
-            module, shard = packed[part]
-            return ".".join([*parts[:i], module, *parts[i + 1 :]]), shard
-    return key, None
-
-
-def _checkpoint_name(name: str, shard: str | None, packed: dict[str, tuple[str, str]]) -> str:
-    if shard is None:
-        return name
-    original = next(k for k, (m, s) in packed.items() if s == shard and f".{m}." in f".{name}")
-    module = packed[original][0]
-    return name.replace(f".{module}.", f".{original}.")

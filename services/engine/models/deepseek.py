@@ -1,0 +1,148 @@
+"""DeepSeek-V2/V3: multi-head latent attention (MLA) and MoE with shared experts and grouped routing.
+
+MLA caches, per token and layer, one latent: the layer-normed compressed KV (kv_lora_rank) followed by the
+rotated shared key part (qk_rope_head_dim). Attention expands each sequence's latents into per-head keys and
+values through kv_b_proj (the reference formulation; per-sequence, eager only: no CUDA graphs yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from services.engine.attention import BoundAttention
+from services.engine.model_config import ModelConfig
+from services.engine.models.dense import MLP, PACKED, DenseForCausalLM
+from services.engine.models.layers import Linear, RMSNorm, RotaryEmbedding, _param, yarn_softmax_scale
+from services.engine.models.moe import Experts, expert_name, expert_target, route
+
+LORA_NORM_EPS = 1e-6  # the reference's q_a / kv_a layer norms use their default eps, not rms_norm_eps
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        assert cfg.mla is not None
+        mla = self.mla = cfg.mla
+        self.layer, self.num_heads, self.rotary = layer, cfg.num_heads, rotary
+        q_out = cfg.num_heads * mla.qk_head_dim
+        if mla.q_lora_rank is None:
+            self.q_proj = Linear(cfg.hidden_size, q_out)
+        else:
+            self.q_a_proj = Linear(cfg.hidden_size, mla.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LORA_NORM_EPS)
+            self.q_b_proj = Linear(mla.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, mla.latent_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LORA_NORM_EPS)
+        self.kv_b_proj = Linear(mla.kv_lora_rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim))
+        self.o_proj = Linear(cfg.num_heads * mla.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = yarn_softmax_scale(cfg.rope, mla.qk_head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn: BoundAttention) -> torch.Tensor:
+        mla, heads = self.mla, self.num_heads
+        q = self.q_proj(x) if mla.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (heads, mla.qk_head_dim))
+        q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        compressed, k_rot = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        compressed = self.kv_a_layernorm(compressed.contiguous())
+        q_rot = self.rotary(positions, q_rot)
+        k_rot = self.rotary(positions, k_rot.unsqueeze(1)).squeeze(1)
+        latent = torch.cat([compressed, k_rot], dim=-1)
+        attn.store_latent(self.layer, latent)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
+        meta, start = attn.meta, 0
+        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+            rows = slice(start, start + n)
+            context = latent[rows] if n == ctx else attn.latent_context(self.layer, i).to(latent.dtype)
+            out[rows] = self._attend(q[rows], context, n, ctx)
+            start += n
+        return self.o_proj(out.flatten(1))
+
+    def _attend(self, q: torch.Tensor, latent: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
+        """q [n, H, qk_head_dim] over ctx latents [ctx, latent_dim] -> [n, H, v_head_dim]."""
+        mla = self.mla
+        compressed, k_rot = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(compressed).unflatten(-1, (self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim))
+        k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)
+        mask = causal_lower_right(n, ctx) if 1 < n < ctx else None
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=mask,
+            is_causal=n == ctx and n > 1,
+            scale=self.scale,
+        )
+        return o[0].transpose(0, 1)
+
+
+class Router(nn.Module):
+    """Router weights (scored in fp32) and, for V3, the expert-score correction bias used for selection only."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.weight = _param(cfg.moe.num_experts, cfg.hidden_size)
+        self.e_score_correction_bias = (
+            _param(cfg.moe.num_experts) if cfg.moe.topk_method == "noaux_tc" else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class DeepseekMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.moe = cfg.moe
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.moe.num_experts, cfg.hidden_size, cfg.moe.intermediate_size)
+        self.shared_experts = (
+            MLP(cfg, cfg.moe.intermediate_size * cfg.moe.num_shared_experts)
+            if cfg.moe.num_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.gate.e_score_correction_bias
+        weights, ids = route(self.gate(x), self.moe, bias.float() if bias is not None else None)
+        out = self.experts(x, weights, ids)
+        return out + self.shared_experts(x) if self.shared_experts is not None else out
+
+
+class DeepseekForCausalLM(DenseForCausalLM):
+    # q/k/v are MLA's own projections here: only the MLPs' gate/up are packed
+    packed_modules: ClassVar[dict[str, tuple[str, str]]] = {
+        name: target for name, target in PACKED.items() if name in ("gate_proj", "up_proj")
+    }
+
+    @staticmethod
+    def make_rotary(cfg: ModelConfig) -> RotaryEmbedding:
+        assert cfg.mla is not None
+        return RotaryEmbedding(cfg.mla.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope)
+
+    @staticmethod
+    def make_attention(cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> nn.Module:
+        return MLAttention(cfg, layer, rotary)
+
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+        assert cfg.moe is not None
+        return DeepseekMoE(cfg) if layer in cfg.moe.sparse_layers else MLP(cfg)
+
+    def checkpoint_target(self, key: str) -> tuple[str, Hashable] | None:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= self.config.num_layers:
+            return None  # multi-token-prediction layers: not used for generation
+        return expert_target(key) or super().checkpoint_target(key)
+
+    def checkpoint_name(self, name: str, shard: Hashable) -> str:
+        return expert_name(name, shard) or super().checkpoint_name(name, shard)
