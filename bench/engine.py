@@ -53,14 +53,15 @@ LLAMA_8B = {
 }
 
 
-def write_model_dir(path: Path) -> Path:
+def write_model_dir(path: Path, config: dict = LLAMA_8B) -> Path:
     """config.json and a word-level tokenizer covering the whole vocabulary; weights are made on the GPU."""
     from tokenizers import Tokenizer, models
 
-    (path / "config.json").write_text(json.dumps(LLAMA_8B))
-    vocab = {f"t{i}": i for i in range(LLAMA_8B["vocab_size"])}
+    (path / "config.json").write_text(json.dumps(config))
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t128001"}))
+    eos = config["eos_token_id"]
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"t{eos}"}))
     return path
 
 

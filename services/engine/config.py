@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from services.engine.attention import BACKENDS
+from services.engine.parallel.state import ParallelConfig
 from services.engine.scheduler import ROLES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,8 +31,22 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto: triton on CUDA (with Triton installed), else torch
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (triton backend on CUDA)
     cuda_graph_max_batch: int = 256  # largest decode batch captured; larger ones run eagerly
+    cuda_graph_sizes: tuple[int, ...] | None = (
+        None  # the batch sizes captured (default: buckets up to the max)
+    )
     overlap_scheduling: bool = True  # with CUDA graphs: launch the next decode step before reading this one
     load_format: str = "safetensors"  # safetensors | dummy (random weights: benchmarks, no checkpoint read)
+    parallel: ParallelConfig = field(
+        default_factory=ParallelConfig
+    )  # tp x dp ranks, ep over all of them or none
+    rank: int = 0  # this process among parallel.world ranks
+    dist_init_method: str | None = None  # e.g. tcp://host:port (default: env://)
+    tbo: bool = False  # two-batch overlap, where the batch is above the thresholds
+    tbo_min_prefill_tokens: int = 4096
+    tbo_min_decode_seqs: int = 128
+    # expert dispatch with data-parallel attention: all_to_all (exact pairs; reads counts on the host) or
+    # all_gather (fixed shapes: CUDA graphs, no host sync); auto: all_gather on GPUs, all_to_all elsewhere
+    ep_dispatch: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -53,7 +68,21 @@ class EngineConfig:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_model_len is None or self.max_model_len > 0, "max_model_len must be positive"),
             (self.cuda_graph_max_batch > 0, "cuda_graph_max_batch must be positive"),
+            (
+                self.cuda_graph_sizes is None
+                or (bool(self.cuda_graph_sizes) and min(self.cuda_graph_sizes) > 0),
+                "cuda_graph_sizes must be positive batch sizes",
+            ),
             (self.load_format in ("safetensors", "dummy"), "load_format must be safetensors or dummy"),
+            (
+                self.ep_dispatch in ("auto", "all_to_all", "all_gather"),
+                "ep_dispatch must be auto, all_to_all or all_gather",
+            ),
+            (0 <= self.rank < self.parallel.world, f"rank must be in [0, {self.parallel.world})"),
+            (
+                self.tbo_min_prefill_tokens >= 1 and self.tbo_min_decode_seqs >= 1,
+                "tbo_min_prefill_tokens and tbo_min_decode_seqs must be at least 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -69,9 +98,17 @@ class EngineConfig:
             )
         return cls(model=model, **kwargs)
 
-    def resolve_device(self) -> torch.device:
+    def resolve_ep_dispatch(self, device: torch.device) -> str:
+        if self.ep_dispatch == "auto":
+            return "all_gather" if device.type == "cuda" else "all_to_all"
+        return self.ep_dispatch
+
+    def resolve_device(self, rank: int = 0) -> torch.device:
+        """auto: cuda (one GPU per rank) if available, else cpu."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if torch.cuda.is_available():
+                return torch.device("cuda", rank % torch.cuda.device_count())
+            return torch.device("cpu")
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device, checkpoint_dtype: str) -> torch.dtype:

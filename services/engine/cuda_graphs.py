@@ -6,7 +6,10 @@ Contract:
   the graph's output is a static logits buffer;
 - a batch is padded up to its bucket: padded rows store nothing (slot -1) and attend over one token of block 0,
   so they cannot disturb real sequences, and their logits are ignored;
-- only decode batches (one new token per sequence) replay; anything else runs eagerly.
+- only decode batches (one new token per sequence) replay; anything else runs eagerly;
+- with two-batch overlap, sizes from `split_min` up also get a graph of the two halves' interleaved forwards, so
+  the overlap is replayed too; with data-parallel ranks every rank replays the same size (the largest rank's
+  batch, agreed per step), so the collectives inside the graphs pair up.
 """
 
 from __future__ import annotations
@@ -17,8 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from services.engine.attention import AttentionBackend, AttentionMetadata, BoundAttention
+from services.engine.parallel.comm import Stage, run
+from services.engine.tbo import interleave
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def default_sizes(max_batch: int) -> list[int]:
+    return sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
 
 
 class DecodeGraphs:
@@ -26,16 +35,20 @@ class DecodeGraphs:
         self,
         model: nn.Module,
         backend: AttentionBackend,
-        max_batch: int,
+        sizes: list[int],
         max_blocks_per_seq: int,
         device: torch.device,
         progress: bool = True,
+        split_min: int | None = None,
+        fixed_dispatch: bool = False,
     ) -> None:
         self.model = model
         self.backend = backend
-        self.sizes = sorted({b for b in BUCKETS if b < max_batch} | {max_batch})
-        self.max_batch = max_batch
-        n = max_batch
+        self.fixed_dispatch = (
+            fixed_dispatch  # expert-parallel ranks exchange a fixed number of rows per batch
+        )
+        self.sizes = sorted(set(sizes))
+        self.max_batch = n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
@@ -45,46 +58,57 @@ class DecodeGraphs:
         # host-side staging for one copy per buffer per step
         self._host = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
         self._host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, pin_memory=True)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, bool], torch.Tensor] = {}
+        keys = [(bs, False) for bs in self.sizes]
+        if split_min is not None:
+            keys += [(bs, True) for bs in self.sizes if bs >= max(2, split_min)]
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            for bs in tqdm(
-                sorted(self.sizes, reverse=True),
-                desc="Capturing CUDA graphs",
-                unit="graph",
-                disable=not progress,
+            for key in tqdm(
+                sorted(keys, reverse=True), desc="Capturing CUDA graphs", unit="graph", disable=not progress
             ):
-                self._forward(bs)  # warm up: compile kernels, settle allocations
+                self._forward(*key)  # warm up: compile kernels, settle allocations, set up communicators
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.logits[bs] = self._forward(bs)
-                self.graphs[bs] = graph
+                    self.logits[key] = self._forward(*key)
+                self.graphs[key] = graph
         torch.cuda.synchronize(device)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slots[:bs],
-            query_start_loc=self.query_start[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
-            query_lens_cpu=(1,) * bs,
-            seq_lens_cpu=(1,) * bs,
-            num_decode_seqs=bs,
+    def _stages(self, lo: int, hi: int) -> Stage[torch.Tensor]:
+        """The forward of rows [lo, hi)."""
+        n = hi - lo
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[lo:hi],
+            query_start_loc=self.query_start[: n + 1],  # one row per sequence: 0, 1, ..., n
+            seq_lens=self.seq_lens[lo:hi],
+            block_tables=self.block_tables[lo:hi],
+            query_lens_cpu=(1,) * n,
+            seq_lens_cpu=(1,) * n,
+            num_decode_seqs=n,
         )
+        batch = BoundAttention(self.backend, meta, n if self.fixed_dispatch else None)
+        return self.model.stages(self.input_ids[lo:hi], self.positions[lo:hi], batch)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(
-            self.input_ids[:bs], self.positions[:bs], BoundAttention(self.backend, self._meta(bs))
-        )
+    def _forward(self, bs: int, split: bool) -> torch.Tensor:
+        if split:
+            half = bs // 2
+            hidden = torch.cat(interleave(self._stages(0, half), self._stages(half, bs)))
+        else:
+            hidden = run(self._stages(0, bs))
         return self.model.compute_logits(hidden)
+
+    def has_split(self, bs: int) -> bool:
+        return (bs, True) in self.graphs
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.sizes if b >= n), None)
 
     def run(
         self,
+        bs: int,
+        split: bool,
         token_ids: np.ndarray,
         positions: np.ndarray,
         slots: np.ndarray,
@@ -92,12 +116,11 @@ class DecodeGraphs:
         block_tables: np.ndarray,
         fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the graph for n = len(token_ids) decode rows; returns logits [n, vocab] (a view of a static
-        buffer, valid until the next replay). fill = (rows, tokens) on the device overwrites those input ids: tokens
-        sampled by the previous step that the host has not seen."""
+        """Replay graph (bs, split) for n = len(token_ids) <= bs decode rows; returns logits [n, vocab] (a view of
+        a static buffer, valid until the next replay). fill = (rows, tokens) on the device overwrites those input
+        ids: tokens sampled by the previous step that the host has not seen."""
         n = len(token_ids)
-        bs = self.bucket(n)
-        assert bs is not None, f"batch of {n} exceeds the largest captured graph ({self.max_batch})"
+        assert n <= bs and (bs, split) in self.graphs, f"no graph of {bs} rows (split: {split}) for {n} rows"
         host = self._host
         host[:, :bs] = 0
         host[2, :bs] = -1
@@ -116,5 +139,5 @@ class DecodeGraphs:
         self.block_tables[:bs].copy_(tables[:bs], non_blocking=True)
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])
-        self.graphs[bs].replay()
-        return self.logits[bs][:n]
+        self.graphs[bs, split].replay()
+        return self.logits[bs, split][:n]

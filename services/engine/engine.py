@@ -10,19 +10,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from services.engine.attention import make_backend, resolve_backend
 from services.engine.block_manager import BlockAllocator
 from services.engine.config import EngineConfig, EngineRuntime
+from services.engine.cuda_graphs import default_sizes
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.errors import RequestError
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_config import ModelConfig
 from services.engine.models import load_model
+from services.engine.parallel.state import init_parallel
 from services.engine.runner import InFlight, ModelRunner
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Batch, ScheduledSeq, Scheduler
 from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence, TokenLogprob
+from services.engine.tbo import TBOConfig
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdmesh.engine")
@@ -65,12 +69,22 @@ class Engine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
-        device = config.resolve_device()
+        device = config.resolve_device(config.rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this rank's GPU: NCCL and the kernels' default device
+        self.parallel = init_parallel(config.parallel, config.rank, config.dist_init_method or "env://")
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
-        self.model = load_model(self.model_config, device, dtype, config.progress, config.load_format)
+        self.model = load_model(
+            self.model_config,
+            device,
+            dtype,
+            config.progress and self.parallel.rank == 0,
+            config.load_format,
+            self.parallel,
+        )
         num_blocks = self._size_kv_cache(device, dtype)
         max_model_len = self._max_model_len(num_blocks)
-        layout = KVLayout.for_model(self.model_config, num_blocks, config.block_size, dtype)
+        layout = KVLayout.for_model(self.model_config, num_blocks, config.block_size, dtype, self.parallel.tp)
         self.kv_cache = KVCache(layout, device)
         self.runtime = EngineRuntime(
             device, dtype, num_blocks, max_model_len, self.model_config.eos_token_ids
@@ -80,14 +94,36 @@ class Engine:
             self.attention_backend, self.kv_cache, self.model_config.head_dim**-0.5, max_model_len
         )
         generator = torch.Generator(device).manual_seed(config.seed)
-        self.runner = ModelRunner(self.model, backend, config.block_size, device, generator)
-        graphable = self.model_config.mla is None  # latent attention runs per sequence, eagerly
+        dispatch = config.resolve_ep_dispatch(device)
+        self.runner = ModelRunner(
+            self.model,
+            backend,
+            config.block_size,
+            device,
+            generator,
+            self.parallel,
+            TBOConfig(config.tbo, config.tbo_min_prefill_tokens, config.tbo_min_decode_seqs),
+            fixed_dispatch=self.parallel.ep > 1 and config.parallel.dp > 1 and dispatch == "all_gather",
+        )
+        graphable = (
+            self.model_config.mla is None  # latent attention runs per sequence, eagerly
+            and (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
+            and (self.runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1)
+        )
         if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:
             max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
-            self.runner.capture_graphs(max_batch, -(-max_model_len // config.block_size), config.progress)
-        # decode steps overlap host work where graphs run them (not in the prefill role: it never decodes)
+            sizes = [
+                b for b in config.cuda_graph_sizes or default_sizes(max_batch) if b <= config.max_num_seqs
+            ]
+            if sizes:
+                self.runner.capture_graphs(sizes, -(-max_model_len // config.block_size), config.progress)
+        # decode steps overlap host work where graphs run them (not in the prefill role: it never decodes; not
+        # with data-parallel ranks: each step's plan is agreed with the others before it launches)
         self.overlap = (
-            self.runner.graphs is not None and config.role != "prefill" and config.overlap_scheduling
+            self.runner.graphs is not None
+            and config.role != "prefill"
+            and config.overlap_scheduling
+            and config.parallel.dp == 1
         )
         self._inflight: InFlight | None = None
         self.allocator = BlockAllocator(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -170,10 +206,20 @@ class Engine:
         if self.overlap:
             return self._step_overlapped()
         batch = self.scheduler.schedule()
-        return self._run(batch) if batch else []
+        if batch:
+            return self._run(batch)
+        if self.config.parallel.dp > 1:
+            self.runner.idle_forward()  # NOTE: data-parallel ranks run every forward together, even with no tokens
+        return []
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+        """Whether step() has work; with data-parallel ranks, whether any rank has (they step together)."""
+        local = self.scheduler.num_unfinished > 0 or self._inflight is not None
+        if self.config.parallel.dp == 1:
+            return local
+        flag = torch.tensor([int(local)], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.parallel.world_group)
+        return bool(flag.item())
 
     def _run(self, batch: Batch) -> list[RequestOutput]:
         started = time.monotonic()
@@ -320,7 +366,9 @@ class Engine:
         cfg = self.config
         if cfg.num_blocks is not None:
             return cfg.num_blocks
-        block_bytes = KVLayout.for_model(self.model_config, 1, cfg.block_size, dtype).block_nbytes
+        block_bytes = KVLayout.for_model(
+            self.model_config, 1, cfg.block_size, dtype, self.parallel.tp
+        ).block_nbytes
         if cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * 2**30
         elif device.type == "cuda":

@@ -63,10 +63,13 @@ class KVLayout:
         return f"{model}|{self.dtype}|{parts}"
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVLayout:
+    def for_model(
+        cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, tp: int = 1
+    ) -> KVLayout:
+        """The layout of one rank's cache: with tensor parallelism it holds num_kv_heads / tp heads."""
         if cfg.mla is not None:
             return cls(num_blocks, cfg.num_layers, block_size, 1, cfg.mla.latent_dim, dtype, parts=1)
-        return cls(num_blocks, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        return cls(num_blocks, cfg.num_layers, block_size, cfg.num_kv_heads // tp, cfg.head_dim, dtype)
 
 
 class KVCache:

@@ -11,9 +11,12 @@ from torch import nn
 
 from services.engine.attention import AttentionBackend, AttentionMetadata, BoundAttention
 from services.engine.cuda_graphs import DecodeGraphs
+from services.engine.parallel.comm import Stage, run
+from services.engine.parallel.state import ParallelState
 from services.engine.sampler import Sampler, SamplingBatch
 from services.engine.scheduler import Batch
 from services.engine.sequence import PLACEHOLDER, Sequence, TokenLogprob
+from services.engine.tbo import StepPlan, TBOConfig, interleave, plan_step, split_inputs
 
 
 @dataclass
@@ -65,20 +68,36 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         generator: torch.Generator | None = None,
+        parallel: ParallelState | None = None,
+        tbo: TBOConfig | None = None,
+        fixed_dispatch: bool = False,
     ) -> None:
         self.model = model
         self.backend = backend
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(generator)
+        self.parallel = parallel or ParallelState.single()
+        self.tbo = tbo or TBOConfig()
+        self.fixed_dispatch = (
+            fixed_dispatch  # expert-parallel ranks exchange a fixed number of rows per batch
+        )
         self.graphs: DecodeGraphs | None = None
         self.num_computed_tokens = 0  # every token the model has run on, for accounting and tests
         self.num_computed_prompt_tokens = 0  # of which prompt positions (a decode worker must compute none)
         self.num_graph_steps = 0
+        self.num_tbo_steps = 0  # forwards run as two overlapped micro-batches
 
-    def capture_graphs(self, max_batch: int, max_blocks_per_seq: int, progress: bool) -> None:
+    def capture_graphs(self, sizes: list[int], max_blocks_per_seq: int, progress: bool) -> None:
         self.graphs = DecodeGraphs(
-            self.model, self.backend, max_batch, max_blocks_per_seq, self.device, progress
+            self.model,
+            self.backend,
+            sizes,
+            max_blocks_per_seq,
+            self.device,
+            progress,
+            self.tbo.min_decode_seqs if self.tbo.enabled else None,
+            self.fixed_dispatch,
         )
 
     def host_inputs(self, batch: Batch) -> HostInputs:
@@ -159,22 +178,59 @@ class ModelRunner:
             num_decode_seqs=next((i for i, n in enumerate(h.query_lens) if n != 1), len(h.query_lens)),
         )
 
-    def forward_eager(self, h: HostInputs) -> torch.Tensor:
-        """Hidden states of every row, [T, hidden]."""
+    def plan(self, h: HostInputs) -> StepPlan:
+        return plan_step(self.parallel, h.query_lens, self.tbo, self.device)
+
+    def forward_eager(self, h: HostInputs, plan: StepPlan | None = None) -> torch.Tensor:
+        """Hidden states of every row, [T, hidden]; as two overlapped micro-batches when every rank agrees."""
+        plan = plan or self.plan(h)
+        if plan.split is not None:
+            first, second = split_inputs(h, plan.split)
+            self.num_tbo_steps += 1
+            a, b = interleave(self._stages(first, plan.rows[0]), self._stages(second, plan.rows[1]))
+            return torch.cat([a, b])
+        return run(self._stages(h, plan.rows[0]))
+
+    def _stages(self, h: HostInputs, rows: int) -> Stage[torch.Tensor]:
         input_ids = torch.from_numpy(h.token_ids).to(self.device, non_blocking=True)
         positions = torch.from_numpy(h.positions).to(self.device, non_blocking=True)
-        return self.model(input_ids, positions, BoundAttention(self.backend, self.metadata(h)))
+        batch = BoundAttention(self.backend, self.metadata(h), rows if self.fixed_dispatch else None)
+        return self.model.stages(input_ids, positions, batch)
+
+    def idle_forward(self) -> None:
+        """A step with no tokens: a data-parallel rank without work still joins every collective (eagerly or by
+        replaying the graph the other ranks replay)."""
+        empty = np.zeros(0, dtype=np.int64)
+        h = HostInputs(empty, empty, empty, [], [], np.zeros((0, 1), dtype=np.int32), [], [], 0)
+        with torch.inference_mode():
+            self.sample_logits(h)
+
+    def _graph(self, plan: StepPlan) -> tuple[int, bool] | None:
+        """(size, split) of the graph that runs this step, or None to run it eagerly."""
+        if self.graphs is None or plan.decode_batch is None:
+            return None
+        bs = self.graphs.bucket(plan.decode_batch)
+        if bs is None:
+            return None
+        return (
+            bs,
+            self.tbo.enabled and plan.decode_batch >= self.tbo.min_decode_seqs and self.graphs.has_split(bs),
+        )
 
     def sample_logits(self, h: HostInputs) -> torch.Tensor:
         """Logits of the rows that sample, [len(sample_rows), vocab]."""
         self.num_computed_tokens += len(h.token_ids)
         self.num_computed_prompt_tokens += h.num_prompt_tokens
-        graphs = self.graphs
-        if graphs is not None and h.is_decode and graphs.bucket(len(h.token_ids)) is not None:
-            assert len(h.sample_rows) == len(h.token_ids), "every row of a decode batch samples"
+        plan = self.plan(h)
+        graph = self._graph(plan)
+        if graph is not None:
+            assert self.graphs is not None and len(h.sample_rows) == len(h.token_ids)
             self.num_graph_steps += 1
-            return graphs.run(h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables)
-        hidden = self.forward_eager(h)
+            self.num_tbo_steps += graph[1]
+            return self.graphs.run(
+                *graph, h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables
+            )
+        hidden = self.forward_eager(h, plan)
         rows = torch.tensor(h.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden[rows])
 
@@ -205,9 +261,12 @@ class ModelRunner:
             )
         self.num_computed_tokens += len(h.token_ids)
         self.num_computed_prompt_tokens += h.num_prompt_tokens
+        graph = self._graph(self.plan(h))
+        assert graph is not None
         self.num_graph_steps += 1
+        self.num_tbo_steps += graph[1]
         logits = self.graphs.run(
-            h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables, fill
+            *graph, h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables, fill
         )
         out = self.sampler(logits, SamplingBatch.from_seqs(h.sampling_seqs, self.device))
         host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)

@@ -110,6 +110,9 @@ class BoundAttention:
 
     backend: AttentionBackend
     meta: AttentionMetadata
+    # rows every expert-parallel rank exchanges for this (micro-)batch: the most tokens any data-parallel rank
+    # has in it (fixed-shape dispatch); None: exact all-to-all
+    dispatch_rows: int | None = None
 
     def rope_and_store(
         self,

@@ -17,9 +17,12 @@ from torch.nn.attention.bias import causal_lower_right
 
 from services.engine.attention import BoundAttention
 from services.engine.model_config import ModelConfig
-from services.engine.models.dense import MLP, PACKED, DenseForCausalLM
+from services.engine.models.dense import MLP, PACKED
 from services.engine.models.layers import Linear, RMSNorm, RotaryEmbedding, _param, yarn_softmax_scale
-from services.engine.models.moe import Experts, expert_name, expert_target, route
+from services.engine.models.moe import MoeForCausalLM, local_experts, route
+from services.engine.parallel.comm import Stage
+from services.engine.parallel.moe import expert_stages
+from services.engine.parallel.state import ParallelState
 
 LORA_NORM_EPS = 1e-6  # the reference's q_a / kv_a layer norms use their default eps, not rms_norm_eps
 
@@ -99,26 +102,28 @@ class Router(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
         super().__init__()
         assert cfg.moe is not None
         self.moe = cfg.moe
+        self.parallel = parallel
         self.gate = Router(cfg)
-        self.experts = Experts(cfg.moe.num_experts, cfg.hidden_size, cfg.moe.intermediate_size)
+        self.experts = local_experts(cfg, parallel)
         self.shared_experts = (
             MLP(cfg, cfg.moe.intermediate_size * cfg.moe.num_shared_experts)
             if cfg.moe.num_shared_experts
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stages(self, x: torch.Tensor, batch: BoundAttention | None = None) -> Stage[torch.Tensor]:
         bias = self.gate.e_score_correction_bias
         weights, ids = route(self.gate(x), self.moe, bias.float() if bias is not None else None)
-        out = self.experts(x, weights, ids)
+        rows = batch.dispatch_rows if batch is not None else None
+        out = yield from expert_stages(self.experts, x, weights, ids, self.parallel, rows)
         return out + self.shared_experts(x) if self.shared_experts is not None else out
 
 
-class DeepseekForCausalLM(DenseForCausalLM):
+class DeepseekForCausalLM(MoeForCausalLM):
     # q/k/v are MLA's own projections here: only the MLPs' gate/up are packed
     packed_modules: ClassVar[dict[str, tuple[str, str]]] = {
         name: target for name, target in PACKED.items() if name in ("gate_proj", "up_proj")
@@ -130,19 +135,22 @@ class DeepseekForCausalLM(DenseForCausalLM):
         return RotaryEmbedding(cfg.mla.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope)
 
     @staticmethod
-    def make_attention(cfg: ModelConfig, layer: int, rotary: RotaryEmbedding) -> nn.Module:
+    def make_attention(
+        cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, parallel: ParallelState
+    ) -> nn.Module:
+        if parallel.tp > 1:
+            raise ValueError(
+                "latent attention (DeepSeek) is not tensor-parallel yet: use dp with ep instead of tp"
+            )
         return MLAttention(cfg, layer, rotary)
 
     @staticmethod
-    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    def make_mlp(cfg: ModelConfig, layer: int, parallel: ParallelState) -> nn.Module:
         assert cfg.moe is not None
-        return DeepseekMoE(cfg) if layer in cfg.moe.sparse_layers else MLP(cfg)
+        return DeepseekMoE(cfg, parallel) if layer in cfg.moe.sparse_layers else MLP(cfg, parallel=parallel)
 
     def checkpoint_target(self, key: str) -> tuple[str, Hashable] | None:
         parts = key.split(".")
         if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= self.config.num_layers:
             return None  # multi-token-prediction layers: not used for generation
-        return expert_target(key) or super().checkpoint_target(key)
-
-    def checkpoint_name(self, name: str, shard: Hashable) -> str:
-        return expert_name(name, shard) or super().checkpoint_name(name, shard)
+        return super().checkpoint_target(key)

@@ -17,6 +17,7 @@ from services.engine.model_config import ModelConfig
 from services.engine.models.deepseek import DeepseekForCausalLM
 from services.engine.models.dense import DenseForCausalLM
 from services.engine.models.moe import MoeForCausalLM
+from services.engine.parallel.state import ParallelState
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": DenseForCausalLM,
@@ -69,9 +70,11 @@ def load_model(
     dtype: torch.dtype,
     progress: bool = True,
     load_format: str = "safetensors",
+    parallel: ParallelState | None = None,
 ) -> nn.Module:
+    """The model this rank runs (its shards only, under tensor or expert parallelism), weights loaded."""
     with torch.device(device), _default_dtype(dtype):
-        model = MODEL_CLASSES[cfg.family](cfg)
+        model = MODEL_CLASSES[cfg.family](cfg, parallel)
     if load_format == "dummy":
         random_weights(model)
     else:

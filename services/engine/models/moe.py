@@ -16,9 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine.attention import BoundAttention
 from services.engine.model_config import ModelConfig, MoEConfig
 from services.engine.models.dense import MLP, DenseForCausalLM
 from services.engine.models.layers import Linear, Shard, _param, silu_and_mul
+from services.engine.parallel.comm import Stage
+from services.engine.parallel.moe import expert_stages
+from services.engine.parallel.state import ParallelState
 
 _EXPERT = re.compile(r"^(?P<prefix>.*\.)(?:mlp|block_sparse_moe)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 # checkpoint projection name -> (stacked parameter, shard)
@@ -71,16 +75,47 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, ids [T, top_k] (global expert ids) -> sum over this rank's experts, [T, H].
 
-        NOTE: experts are visited in ascending order and each adds its rows, as the reference implementation does,
-        so the sums round the same way."""
-        out = torch.zeros_like(x)
+        NOTE: each token adds its experts' outputs in ascending expert order, each cast to the model dtype first,
+        as the reference implementation does, so the sums round the same way. Other ranks' experts add zero."""
         local = ids - self.first
-        for e in torch.unique(local[(local >= 0) & (local < self.count)]).tolist():
-            tokens, slot = torch.where(local == e)
-            h = silu_and_mul(F.linear(x[tokens], self.w13[e]))
-            h = F.linear(h, self.w2[e]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, h.to(out.dtype))
+        local = torch.where((local >= 0) & (local < self.count), local, self.count)
+        local, order = local.sort(dim=1)  # ascending expert order within each token
+        weights = weights.gather(1, order)
+        t, k = local.shape
+        tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+        y = self.mlp(x, tokens, local.reshape(-1)).view(t, k, x.shape[1])
+        y = (y * weights[..., None]).to(x.dtype)
+        out = torch.zeros_like(x)
+        for j in range(k):
+            out += y[:, j]
         return out
+
+    def mlp(self, x: torch.Tensor, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """x[rows[i]] through local expert local_ids[i], unweighted; ids outside [0, count) give zeros.
+
+        One grouped GEMM per projection over all experts: pairs sorted by expert, `offs` the end of each expert's
+        rows. Shapes depend only on the number of pairs and nothing is read back to the host, so it runs inside
+        CUDA graphs."""
+        valid = (local_ids >= 0) & (local_ids < self.count)
+        key = torch.where(valid, local_ids, self.count)
+        key, order = key.sort(stable=True)
+        experts = torch.arange(self.count, device=x.device, dtype=key.dtype)
+        offs = torch.searchsorted(key, experts, right=True).to(torch.int32)
+        h = grouped_mm(x[rows[order]], self.w13.mT, offs)
+        h = grouped_mm(silu_and_mul(h), self.w2.mT, offs)
+        out = torch.empty_like(h).index_copy_(0, order, h)  # rows past offs[-1] (invalid ids) are garbage
+        return torch.where(valid[:, None], out, 0)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """a [M, K] in groups ending at offs, b [G, K, N] -> [M, N]: group g's rows times b[g]."""
+    if a.is_cuda and a.dtype != torch.bfloat16:  # the GPU grouped GEMM is bf16 only: one matmul per group
+        out, start = a.new_empty(a.shape[0], b.shape[2]), 0
+        for g, end in enumerate(offs.tolist()):
+            out[start:end] = a[start:end] @ b[g]
+            start = end
+        return out
+    return F.grouped_mm(a, b, offs=offs)
 
 
 def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
@@ -108,32 +143,50 @@ def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | 
     return weights * moe.routed_scaling_factor, ids
 
 
+def local_experts(cfg: ModelConfig, parallel: ParallelState) -> Experts:
+    """This rank's slice of the experts."""
+    assert cfg.moe is not None
+    n = cfg.moe.num_experts
+    if n % parallel.ep:
+        raise ValueError(f"{n} experts cannot be split evenly over {parallel.ep} expert-parallel ranks")
+    if parallel.tp > 1 and parallel.ep == 1:
+        raise ValueError(
+            "MoE layers with tensor parallelism need expert parallelism over the same ranks (ep = tp)"
+        )
+    count = n // parallel.ep
+    return Experts(n, cfg.hidden_size, cfg.moe.intermediate_size, first=parallel.ep_rank * count, count=count)
+
+
 class SparseMoeBlock(nn.Module):
     """Router + experts (Qwen3-MoE, Mixtral)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelState) -> None:
         super().__init__()
         assert cfg.moe is not None
         self.moe = cfg.moe
+        self.parallel = parallel
         self.gate = Linear(cfg.hidden_size, cfg.moe.num_experts)
-        self.experts = Experts(cfg.moe.num_experts, cfg.hidden_size, cfg.moe.intermediate_size)
+        self.experts = local_experts(cfg, parallel)
         # Qwen3-MoE rounds the routing weights to the model dtype; Mixtral keeps them in fp32
         self.weights_in_model_dtype = cfg.family == "qwen3_moe"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stages(self, x: torch.Tensor, batch: BoundAttention | None = None) -> Stage[torch.Tensor]:
         weights, ids = route(self.gate(x), self.moe)
         if self.weights_in_model_dtype:
             weights = weights.to(x.dtype)
-        return self.experts(x, weights, ids)
+        rows = batch.dispatch_rows if batch is not None else None
+        return (yield from expert_stages(self.experts, x, weights, ids, self.parallel, rows))
 
 
 class MoeForCausalLM(DenseForCausalLM):
     """Qwen3-MoE and Mixtral: the dense decoder with MoE blocks in the sparse layers."""
 
     @staticmethod
-    def make_mlp(cfg: ModelConfig, layer: int) -> nn.Module:
+    def make_mlp(cfg: ModelConfig, layer: int, parallel: ParallelState) -> nn.Module:
         assert cfg.moe is not None
-        return SparseMoeBlock(cfg) if layer in cfg.moe.sparse_layers else MLP(cfg)
+        return (
+            SparseMoeBlock(cfg, parallel) if layer in cfg.moe.sparse_layers else MLP(cfg, parallel=parallel)
+        )
 
     def checkpoint_target(self, key: str) -> tuple[str, Hashable] | None:
         found = expert_target(key)
