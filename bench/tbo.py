@@ -105,7 +105,7 @@ def cuda_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) / repeats
 
 
-def overlap(fn, repeats: int = 3) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def overlap(fn, repeats: int = 3, top: bool = False) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """Communication kernels' time per call, and the share of it during which a compute kernel ran."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -117,6 +117,8 @@ def overlap(fn, repeats: int = 3) -> dict[str, float]:  # type: ignore[no-untype
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
+    if top:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     comm, compute = [], []
     for e in prof.events():
         if e.device_type != DeviceType.CUDA or e.time_range.end <= e.time_range.start:
@@ -163,6 +165,7 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
             dist_init_method=f"tcp://127.0.0.1:{port}",
             tbo=True,
             tbo_min_decode_seqs=min(decodes),  # split graphs are captured from here up
+            tbo_min_prefill_tokens=min(prefills),  # start-up calibration times prefill from here up
             block_size=BLOCK,
             num_blocks=blocks,
             max_model_len=max(args.prompt_len, args.context) + 64,
@@ -173,14 +176,16 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
             progress=rank == 0,
         )
     )
-    runner, defaults = engine.runner, EngineConfig(model=model_dir)
-    modes = {
-        "off": TBOConfig(False),
-        "on": TBOConfig(True, 1, 1),
-        "auto": TBOConfig(True, defaults.tbo_min_prefill_tokens, defaults.tbo_min_decode_seqs),
-    }
+    runner = engine.runner
+    # auto: what the engine's start-up calibration kept
+    modes = {"off": TBOConfig(False), "on": TBOConfig(True, 1, 1), "auto": runner.tbo}
     engine.kv_cache.kv.normal_()  # attention over real numbers (the cache starts zeroed)
-    results: dict = {"prefill": {}, "decode": {}}
+    results: dict = {
+        "prefill": {},
+        "decode": {},
+        "calibration": {f"{kind} {size}": times for (kind, size), times in engine.tbo_calibration.items()},
+        "peer_access": torch.cuda.can_device_access_peer(0, 1),
+    }
 
     def case(kind: str, size: int, fn) -> None:  # type: ignore[no-untyped-def]
         row: dict = {}
@@ -190,7 +195,7 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
             row[mode] = cuda_time(fn, args.repeats)
             row[f"{mode}_split"] = runner.num_tbo_steps > before
             if mode != "auto":
-                row[f"{mode}_profile"] = overlap(fn)
+                row[f"{mode}_profile"] = overlap(fn, top=args.profile and rank == 0)
         results[kind][size] = row
         if rank == 0:
             print(
@@ -215,8 +220,8 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
         results["graph_steps"] = runner.num_graph_steps
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    torch.cuda.synchronize()
+    os._exit(0)  # NOTE: skips the NCCL teardown, which was seen to hang once both ranks had finished
 
 
 def main() -> None:
@@ -227,6 +232,7 @@ def main() -> None:
     ap.add_argument("--decode", default="64,128,256", help="sequences per rank")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="print each case's busiest GPU kernels")
     ap.add_argument("--out", help="write the numbers as JSON here")
     args = ap.parse_args()
     args.prefill_tokens = [int(t) for t in args.prefill.split(",")]
@@ -244,6 +250,9 @@ def main() -> None:
         mp.spawn(worker, args=(port, str(model_dir), args, str(out)), nprocs=2)
         results = json.loads(out.read_text())
     print(f"\n{torch.cuda.get_device_name()} x2, EP=2 + data-parallel attention, {args.layers} layers")
+    print(
+        f"GPU peer access: {results['peer_access']}; start-up calibration (off s, on s): {results['calibration']}"
+    )
     header = ["per rank", "TBO off ms", "TBO on ms", "speed-up", "auto", "comm share", "overlapped"]
     for kind in ("prefill", "decode"):
         print(f"\n{kind}")

@@ -126,3 +126,18 @@ def test_a_rank_that_cannot_split_turns_tbo_off_everywhere(moe: Path, tmp_path: 
     results = run_ranks(moe, {"parallel": {"dp": 2, "ep": 2}, **tbo}, [mine, [[7]]], tmp_path)
     assert [r["tbo_steps"] for r in results] == [0, 0]
     assert results[0]["tokens"] == single(moe, mine) and results[1]["tokens"] == single(moe, [[7]])
+
+
+def test_calibration_keeps_tbo_only_where_it_was_faster(dense: Path) -> None:
+    """Start-up calibration times each prefill size with and without TBO; its scratch writes (before any
+    request) leave the requests that follow intact."""
+    from services.engine.tbo_calibration import MARGIN, calibrate
+
+    llm = LLM(str(dense), progress=False, tbo=True, tbo_min_prefill_tokens=8, **CPU)
+    engine = llm.engine
+    result = calibrate(engine.runner, engine.runtime.num_blocks, 32, engine.runtime.max_model_len)
+    assert set(result) == {("prefill", 8), ("prefill", 16), ("prefill", 32)}
+    wins = {size: on < MARGIN * off for (_, size), (off, on) in result.items()}
+    expected = min((s for s in wins if all(wins[t] for t in wins if t >= s)), default=33)
+    assert engine.runner.tbo.min_prefill_tokens == expected
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, progress=False)] == single(dense, PROMPTS)

@@ -294,3 +294,27 @@ def test_overlapped_decode_matches_step_by_step(llama_checkpoint: Path) -> None:
         results.append(tokens)
     assert results[0] == results[1]
     assert results[1]["stop-token"][-1] == probe[7] and len(results[1]["short"]) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_experts_match_a_loop_over_experts(dtype: torch.dtype) -> None:
+    """This rank holds experts 2..4 of 8: the other pairs add nothing; an empty batch gives an empty result."""
+    from services.engine.models.moe import Experts
+
+    with torch.device(DEVICE):
+        experts = Experts(8, 64, 32, first=2, count=3)
+        experts.w13.data = (torch.randn(3, 64, 64) * 0.1).to(dtype)
+        experts.w2.data = (torch.randn(3, 64, 32) * 0.1).to(dtype)
+        x = torch.randn(37, 64).to(dtype)
+        ids, weights = torch.randint(0, 8, (37, 4)), torch.rand(37, 4)
+    got = experts._forward_fused(x, weights, ids).float()
+    want = torch.zeros(37, 64, device=DEVICE)
+    for t, j in ((t, j) for t in range(37) for j in range(4)):
+        e = int(ids[t, j]) - 2
+        if 0 <= e < 3:
+            gate, up = (x[t].float() @ experts.w13[e].float().T).chunk(2)
+            want[t] += weights[t, j] * ((F.silu(gate) * up) @ experts.w2[e].float().T)
+    assert torch.allclose(got, want, atol=tol(dtype) * 5, rtol=tol(dtype) * 5)
+    none_here = ((ids >= 2) & (ids < 5)).sum(1) == 0
+    assert none_here.any() and (got[none_here] == 0).all()
+    assert experts._forward_fused(x[:0], weights[:0], ids[:0]).shape == (0, 64)

@@ -44,9 +44,11 @@ class EngineConfig:
     tbo: bool = False  # two-batch overlap, where the batch is above the thresholds
     tbo_min_prefill_tokens: int = 4096
     tbo_min_decode_seqs: int = 128
+    tbo_calibrate: bool = True  # on GPUs: time TBO on and off at start-up, keep it only where it is faster
     # expert dispatch with data-parallel attention: all_to_all (exact pairs; reads counts on the host) or
     # all_gather (fixed shapes: CUDA graphs, no host sync); auto: all_gather on GPUs, all_to_all elsewhere
-    ep_dispatch: str = "auto"
+    ep_dispatch: str = "auto"  # also mori (ROCm)
+    moe_backend: str = "torch"  # experts: torch (grouped GEMMs; Triton glue on GPUs) or aiter (ROCm)
     seed: int = 0
     progress: bool = True
 
@@ -75,8 +77,18 @@ class EngineConfig:
             ),
             (self.load_format in ("safetensors", "dummy"), "load_format must be safetensors or dummy"),
             (
-                self.ep_dispatch in ("auto", "all_to_all", "all_gather"),
-                "ep_dispatch must be auto, all_to_all or all_gather",
+                self.ep_dispatch in ("auto", "all_to_all", "all_gather", "mori"),
+                "ep_dispatch must be auto, all_to_all, all_gather or mori",
+            ),
+            (self.moe_backend in ("torch", "aiter"), "moe_backend must be torch or aiter"),
+            (
+                self.ep_dispatch != "mori" or (self.parallel.dp > 1 and self.parallel.ep > 1),
+                "ep_dispatch=mori needs data-parallel attention with expert parallelism (dp > 1, ep = tp x dp)",
+            ),
+            (
+                not (self.moe_backend == "aiter" and self.ep_dispatch == "all_to_all"),
+                "moe_backend=aiter cannot serve the all_to_all dispatch (it computes unweighted pairs): use "
+                "all_gather or mori",
             ),
             (0 <= self.rank < self.parallel.world, f"rank must be in [0, {self.parallel.world})"),
             (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -21,12 +21,14 @@ from services.engine.errors import RequestError
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_config import ModelConfig
 from services.engine.models import load_model
+from services.engine.models.moe import Experts
 from services.engine.parallel.state import init_parallel
 from services.engine.runner import InFlight, ModelRunner
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Batch, ScheduledSeq, Scheduler
 from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence, TokenLogprob
 from services.engine.tbo import TBOConfig
+from services.engine.tbo_calibration import calibrate
 from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdmesh.engine")
@@ -70,10 +72,23 @@ class Engine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
         device = config.resolve_device(config.rank)
-        if device.type == "cuda":
+        if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # this rank's GPU: NCCL and the kernels' default device
         self.parallel = init_parallel(config.parallel, config.rank, config.dist_init_method or "env://")
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
+        moe = self.model_config.moe
+        if config.ep_dispatch == "mori" and moe is not None:
+            from services.engine.rocm.mori_dispatch import MoriDispatch
+
+            dispatcher = MoriDispatch(
+                self.parallel.world_group,
+                self.model_config.hidden_size,
+                moe.num_experts // self.parallel.ep,
+                moe.top_k,
+                max(config.max_num_batched_tokens, config.max_num_seqs),
+                dtype,
+            )
+            self.parallel = replace(self.parallel, dispatcher=dispatcher)
         self.model = load_model(
             self.model_config,
             device,
@@ -82,6 +97,12 @@ class Engine:
             config.load_format,
             self.parallel,
         )
+        if config.moe_backend == "aiter" and moe is not None:
+            from services.engine.rocm.aiter_moe import AiterExperts
+
+            for module in self.model.modules():
+                if isinstance(module, Experts):
+                    module.kernel = AiterExperts(module)
         num_blocks = self._size_kv_cache(device, dtype)
         max_model_len = self._max_model_len(num_blocks)
         layout = KVLayout.for_model(self.model_config, num_blocks, config.block_size, dtype, self.parallel.tp)
@@ -117,6 +138,11 @@ class Engine:
             ]
             if sizes:
                 self.runner.capture_graphs(sizes, -(-max_model_len // config.block_size), config.progress)
+        self.tbo_calibration: dict = {}
+        if config.tbo and config.tbo_calibrate and device.type == "cuda":
+            self.tbo_calibration = calibrate(
+                self.runner, num_blocks, config.max_num_batched_tokens, max_model_len
+            )
         # decode steps overlap host work where graphs run them (not in the prefill role: it never decodes; not
         # with data-parallel ranks: each step's plan is agreed with the others before it launches)
         self.overlap = (

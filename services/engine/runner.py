@@ -212,10 +212,14 @@ class ModelRunner:
         bs = self.graphs.bucket(plan.decode_batch)
         if bs is None:
             return None
-        return (
-            bs,
-            self.tbo.enabled and plan.decode_batch >= self.tbo.min_decode_seqs and self.graphs.has_split(bs),
+        tbo = self.tbo
+        split = (
+            tbo.enabled
+            and plan.decode_batch >= tbo.min_decode_seqs
+            and self.graphs.has_split(bs)
+            and (tbo.decode_sizes is None or bs in tbo.decode_sizes)
         )
+        return bs, split
 
     def sample_logits(self, h: HostInputs) -> torch.Tensor:
         """Logits of the rows that sample, [len(sample_rows), vocab]."""

@@ -34,6 +34,9 @@ class TBOConfig:
     enabled: bool = False
     min_prefill_tokens: int = 4096  # per rank: below this the split costs more than it hides
     min_decode_seqs: int = 128  # per rank
+    decode_sizes: frozenset[int] | None = (
+        None  # CUDA graph sizes that replay split (None: all from the minimum)
+    )
 
 
 def split_point(query_lens: list[int], decode: bool) -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ import torch
 from services.engine.attention.base import AttentionBackend, AttentionMetadata, BoundAttention
 from services.engine.kv_cache import KVCache
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "aiter")
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -32,6 +32,10 @@ def make_backend(name: str, kv_cache: KVCache, scale: float, max_model_len: int)
         from services.engine.attention.triton_backend import TritonAttention
 
         return TritonAttention(kv_cache, scale, max_model_len)
+    if name == "aiter":
+        from services.engine.rocm.aiter_attention import AiterAttention
+
+        return AiterAttention(kv_cache, scale, max_model_len)
     raise ValueError(f"unknown attention backend '{name}'; choose one of: {', '.join(BACKENDS)}")
 
 

@@ -10,7 +10,7 @@ their slices, other ranks' experts are skipped at load.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from services.engine.attention import BoundAttention
 from services.engine.model_config import ModelConfig, MoEConfig
 from services.engine.models.dense import MLP, DenseForCausalLM
-from services.engine.models.layers import Linear, Shard, _param, silu_and_mul
+from services.engine.models.layers import Linear, Shard, _fused, _param, silu_and_mul
 from services.engine.parallel.comm import Stage
 from services.engine.parallel.moe import expert_stages
 from services.engine.parallel.state import ParallelState
@@ -71,24 +71,48 @@ class Experts(nn.Module):
             w2[("down", e)] = Shard(dest=lambda t, i=i: t[i])
         self.w13 = _param(self.count, 2 * inter, hidden, shards=w13)
         self.w2 = _param(self.count, hidden, inter, shards=w2)
+        # another library's fused MoE in place of forward (e.g. rocm.aiter_moe.AiterExperts), same contract
+        self.kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; weights, ids [T, top_k] (global expert ids) -> sum over this rank's experts, [T, H].
 
         NOTE: each token adds its experts' outputs in ascending expert order, each cast to the model dtype first,
-        as the reference implementation does, so the sums round the same way. Other ranks' experts add zero."""
+        as the reference implementation does, so the sums round the same way. Other ranks' experts add zero.
+        On GPUs the sum runs in fp32 in one kernel (`_forward_fused`)."""
+        if self.kernel is not None:
+            return self.kernel(x, weights, ids)
+        if _fused(x):
+            return self._forward_fused(x, weights, ids)
         local = ids - self.first
         local = torch.where((local >= 0) & (local < self.count), local, self.count)
         local, order = local.sort(dim=1)  # ascending expert order within each token
         weights = weights.gather(1, order)
         t, k = local.shape
-        tokens = torch.arange(t, device=x.device).repeat_interleave(k)
+        tokens = torch.arange(t, device=x.device)[:, None].expand(t, k).reshape(-1)
         y = self.mlp(x, tokens, local.reshape(-1)).view(t, k, x.shape[1])
         y = (y * weights[..., None]).to(x.dtype)
         out = torch.zeros_like(x)
         for j in range(k):
             out += y[:, j]
         return out
+
+    def _forward_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Pairs sorted by expert; only this rank's pairs are gathered and read back (the count stays on the
+        device, so shapes are fixed by the batch alone: CUDA graphs capture it)."""
+        from services.engine.kernels.moe import combine, gather_rows
+
+        t, k = ids.shape
+        local = (ids - self.first).reshape(-1)
+        valid = (local >= 0) & (local < self.count)
+        key, order = torch.where(valid, local, self.count).sort(stable=True)
+        experts = torch.arange(self.count, device=x.device, dtype=key.dtype)
+        offs = torch.searchsorted(key, experts, right=True).to(torch.int32)
+        h = grouped_mm(gather_rows(x, order // k, offs[-1:]), self.w13.mT, offs)
+        h = grouped_mm(silu_and_mul(h), self.w2.mT, offs)
+        pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=x.device))
+        pos = torch.where(valid, pos, -1).view(t, k)
+        return combine(h, pos, weights.float(), x.dtype)
 
     def mlp(self, x: torch.Tensor, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x[rows[i]] through local expert local_ids[i], unweighted; ids outside [0, count) give zeros.
@@ -115,7 +139,10 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
             out[start:end] = a[start:end] @ b[g]
             start = end
         return out
-    return F.grouped_mm(a, b, offs=offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
 
 
 def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None = None):  # type: ignore[no-untyped-def]

@@ -46,6 +46,8 @@ def expert_stages(
         return experts(x, weights, ids)
     if parallel.config.dp == 1:
         return (yield from all_reduce(experts(x, weights, ids), parallel.ep_group))
+    if parallel.dispatcher is not None:
+        return parallel.dispatcher(experts, x, weights, ids)
     if dispatch_rows is None:
         return (yield from dispatch_combine(experts, x, weights, ids, parallel.ep, parallel.ep_group))
     return (yield from gather_scatter(experts, x, weights, ids, dispatch_rows, parallel.ep_group))

@@ -9,6 +9,7 @@ ranks that hold their experts and combined back (all-to-all).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class ParallelState:
     rank: int  # in the world
     world_group: dist.ProcessGroup | None
     tp_group: dist.ProcessGroup | None  # this rank's tensor-parallel group (one data-parallel replica)
+    # another library's expert dispatch (experts, x, weights, ids) -> sums (e.g. rocm.mori_dispatch.MoriDispatch)
+    dispatcher: Callable[..., torch.Tensor] | None = None
 
     @property
     def tp(self) -> int:
