@@ -42,6 +42,15 @@ def test_rmsnorm_and_fused_add(dtype: torch.dtype) -> None:
     out, summed = rmsnorm(x, w, 1e-6, r)
     assert torch.equal(summed, x + r)
     assert torch.allclose(out.float(), ref(x + r).float(), atol=tol(dtype), rtol=tol(dtype))
+    # per-head norm of a strided view, as q/k norms see the fused q/k/v projection: [rows, heads, head_dim]
+    qkv = torch.randn(9, 4 * 64 + 32, dtype=dtype, device=DEVICE)
+    q = qkv[:, 16 : 16 + 4 * 64].unflatten(-1, (4, 64))
+    wh = torch.randn(64, dtype=dtype, device=DEVICE)
+    q32 = q.float()
+    expect = wh * (q32 * torch.rsqrt(q32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    got = rmsnorm(q, wh, 1e-6)
+    assert got.shape == q.shape and got.is_contiguous()
+    assert torch.allclose(got.float(), expect.float(), atol=tol(dtype), rtol=tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -55,9 +55,14 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # host-side staging for one copy per buffer per step
-        self._host = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
-        self._host_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, pin_memory=True)
+        # host-side staging, one copy per buffer per step; two sets used in turn, so preparing a step never waits
+        # for the copies of the step before it (still queued behind the GPU's work) but only for the one before
+        self._host = [torch.zeros((4, n), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._host_tables = [
+            torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, pin_memory=True) for _ in range(2)
+        ]
+        self._turn = 0
+        self._copied: list[torch.cuda.Event | None] = [None, None]
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, bool], torch.Tensor] = {}
         keys = [(bs, False) for bs in self.sizes]
@@ -121,22 +126,26 @@ class DecodeGraphs:
         ids: tokens sampled by the previous step that the host has not seen."""
         n = len(token_ids)
         assert n <= bs and (bs, split) in self.graphs, f"no graph of {bs} rows (split: {split}) for {n} rows"
-        host = self._host
-        host[:, :bs] = 0
-        host[2, :bs] = -1
-        host[3, :bs] = 1
-        host[0, :n] = torch.from_numpy(token_ids)
-        host[1, :n] = torch.from_numpy(positions)
-        host[2, :n] = torch.from_numpy(slots)
-        host[3, :n] = torch.from_numpy(seq_lens.astype(np.int64))
-        tables = self._host_tables
-        tables[:bs] = 0
-        tables[:n, : block_tables.shape[1]] = torch.from_numpy(block_tables)
+        self._turn ^= 1
+        host, tables = self._host[self._turn], self._host_tables[self._turn]
+        if (copied := self._copied[self._turn]) is not None:
+            copied.synchronize()
+        # NOTE: filled through numpy: torch's CPU ops on buffers this size go multi-threaded, and waking the
+        # thread pool next to other ranks' busy processes was seen to stall a step by 10 ms
+        h, t = host.numpy(), tables.numpy()
+        h[0, :n], h[1, :n], h[2, :n], h[3, :n] = token_ids, positions, slots, seq_lens
+        h[0, n:bs], h[1, n:bs], h[2, n:bs], h[3, n:bs] = 0, 0, -1, 1  # padded rows store nothing
+        width = block_tables.shape[1]
+        t[:n, :width] = block_tables
+        t[:n, width:] = 0
+        t[n:bs] = 0
         self.input_ids[:bs].copy_(host[0, :bs], non_blocking=True)
         self.positions[:bs].copy_(host[1, :bs], non_blocking=True)
         self.slots[:bs].copy_(host[2, :bs], non_blocking=True)
         self.seq_lens[:bs].copy_(host[3, :bs], non_blocking=True)
         self.block_tables[:bs].copy_(tables[:bs], non_blocking=True)
+        self._copied[self._turn] = copied = torch.cuda.Event()
+        copied.record()
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])
         self.graphs[bs, split].replay()

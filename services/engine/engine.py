@@ -74,6 +74,10 @@ class Engine:
         device = config.resolve_device(config.rank)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # this rank's GPU: NCCL and the kernels' default device
+        if device.type == "cuda":
+            # NOTE: the host's tensor work is small; torch's CPU thread pool only adds wake-up stalls, worst with
+            # several ranks' pools on one host
+            torch.set_num_threads(1)
         self.parallel = init_parallel(config.parallel, config.rank, config.dist_init_method or "env://")
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
         moe = self.model_config.moe
@@ -243,8 +247,8 @@ class Engine:
         local = self.scheduler.num_unfinished > 0 or self._inflight is not None
         if self.config.parallel.dp == 1:
             return local
-        flag = torch.tensor([int(local)], device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.parallel.world_group)
+        flag = torch.tensor([int(local)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.parallel.host_group)
         return bool(flag.item())
 
     def _run(self, batch: Batch) -> list[RequestOutput]:

@@ -179,7 +179,7 @@ class ModelRunner:
         )
 
     def plan(self, h: HostInputs) -> StepPlan:
-        return plan_step(self.parallel, h.query_lens, self.tbo, self.device)
+        return plan_step(self.parallel, h.query_lens, self.tbo)
 
     def forward_eager(self, h: HostInputs, plan: StepPlan | None = None) -> torch.Tensor:
         """Hidden states of every row, [T, hidden]; as two overlapped micro-batches when every rank agrees."""

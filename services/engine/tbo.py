@@ -65,9 +65,7 @@ class StepPlan:
     decode_batch: int | None  # every rank decodes or idles: the largest rank's batch (picks the CUDA graph)
 
 
-def plan_step(
-    parallel: ParallelState, query_lens: list[int], cfg: TBOConfig, device: torch.device
-) -> StepPlan:
+def plan_step(parallel: ParallelState, query_lens: list[int], cfg: TBOConfig) -> StepPlan:
     """One collective per step (data-parallel ranks only: tensor-parallel ranks hold the same batch and reach the
     same plan alone): every rank's (tokens, decode sequences, can split, micro-batch sizes) -> the same plan."""
     tokens = sum(query_lens)
@@ -80,9 +78,10 @@ def plan_step(
     if parallel.config.dp == 1:
         table = [mine]
     else:
-        local = torch.tensor(mine, dtype=torch.int64, device=device)
-        everyone = torch.empty(parallel.world * len(mine), dtype=torch.int64, device=device)
-        gather_into(everyone, local, group=parallel.world_group)
+        # over the host: a device collective would make the host wait for all the GPU work queued before it
+        local = torch.tensor(mine, dtype=torch.int64)
+        everyone = torch.empty(parallel.world * len(mine), dtype=torch.int64)
+        gather_into(everyone, local, group=parallel.host_group)
         table = everyone.view(parallel.world, len(mine)).tolist()
     decode_batch = max(r[1] for r in table) if all(r[1] >= 0 for r in table) else None
     split = cfg.enabled and all(r[2] for r in table) and any(r[0] for r in table)

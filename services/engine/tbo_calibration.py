@@ -102,10 +102,9 @@ def calibrate(runner, num_blocks: int, max_tokens: int, max_len: int) -> dict:  
     times = torch.tensor(
         [[_time(off, runner.device), _time(on, runner.device)] for _, _, off, on in cases],
         dtype=torch.float64,
-        device=runner.device,
     )
     if runner.parallel.distributed:
-        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=runner.parallel.world_group)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=runner.parallel.host_group)
     result = {(kind, size): tuple(t) for (kind, size, _, _), t in zip(cases, times.tolist(), strict=True)}
     wins = {case: on < MARGIN * off for case, (off, on) in result.items()}
     decode_sizes = frozenset(size for (kind, size), won in wins.items() if kind == "decode" and won)

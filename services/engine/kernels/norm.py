@@ -19,6 +19,8 @@ def _rmsnorm_kernel(
     out_ptr,
     res_out_ptr,
     stride_x,
+    stride_x_head,
+    n_heads,
     stride_res,
     stride_out,
     stride_res_out,
@@ -30,7 +32,8 @@ def _rmsnorm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + (row // n_heads) * stride_x + (row % n_heads) * stride_x_head
+    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
         x = (x + r).to(res_out_ptr.dtype.element_ty)
@@ -43,11 +46,18 @@ def _rmsnorm_kernel(
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """rmsnorm(x) -> y, or with residual: (rmsnorm(x + residual), x + residual). x, residual: [rows, hidden]."""
-    assert x.dim() == 2 and x.stride(1) == 1, "x must be [rows, hidden] with contiguous rows"
-    assert weight.shape == (x.shape[1],) and weight.is_contiguous()
-    rows, cols = x.shape
-    out = torch.empty_like(x)
+    """rmsnorm(x) -> y, or with residual: (rmsnorm(x + residual), x + residual). x, residual: [rows, hidden];
+    without residual x may also be [rows, heads, head_dim] (per-head norm, e.g. a strided view of a fused q/k/v
+    projection), normalised over head_dim; y is contiguous."""
+    assert x.stride(-1) == 1, "x must have contiguous rows"
+    assert x.dim() == 2 or (x.dim() == 3 and residual is None), (
+        "x must be [rows, hidden] or [rows, heads, dim]"
+    )
+    cols = x.shape[-1]
+    assert weight.shape == (cols,) and weight.is_contiguous()
+    heads, stride_head = (x.shape[1], x.stride(1)) if x.dim() == 3 else (1, 0)
+    rows = x.shape[0] * heads
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else out
     if residual is not None:
         assert residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype
@@ -59,8 +69,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         out,
         res_out,
         x.stride(0),
+        stride_head,
+        heads,
         residual.stride(0) if residual is not None else 0,
-        out.stride(0),
+        cols,
         res_out.stride(0),
         cols,
         eps,

@@ -98,7 +98,7 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if _fused(x) and x.dim() == 2:
+        if _fused(x) and (x.dim() == 2 or (x.dim() == 3 and residual is None)) and x.stride(-1) == 1:
             from services.engine.kernels.norm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual)

@@ -39,6 +39,8 @@ class ParallelState:
     rank: int  # in the world
     world_group: dist.ProcessGroup | None
     tp_group: dist.ProcessGroup | None  # this rank's tensor-parallel group (one data-parallel replica)
+    # all ranks over the host (gloo): small agreements that must not wait for the GPU's queue
+    host_group: dist.ProcessGroup | None = None
     # another library's expert dispatch (experts, x, weights, ids) -> sums (e.g. rocm.mori_dispatch.MoriDispatch)
     dispatcher: Callable[..., torch.Tensor] | None = None
 
@@ -89,10 +91,11 @@ def init_parallel(
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=config.world)
     world = dist.group.WORLD
+    host = world if dist.get_backend(world) == "gloo" else dist.new_group(backend="gloo")
     tp_group = None
     for replica in range(config.dp):  # every rank must take part in creating every group
         ranks = list(range(replica * config.tp, (replica + 1) * config.tp))
         group = dist.new_group(ranks) if config.tp > 1 else None
         if rank in ranks:
             tp_group = group
-    return ParallelState(config, rank, world, tp_group)
+    return ParallelState(config, rank, world, tp_group, host_group=host)
