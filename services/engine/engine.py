@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,23 @@ class Reservation:
     request_id: str
     block_ids: list[int]
     num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadCounts:
+    """How loaded an engine is (what GetLoad reports); adds up over the replicas of a worker."""
+
+    running: int = 0
+    waiting: int = 0
+    parked: int = 0
+    used_blocks: int = 0
+    total_blocks: int = 0
+    computed_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    preemptions: int = 0
+
+    def __add__(self, other: LoadCounts) -> LoadCounts:
+        return LoadCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 class Engine:
@@ -231,6 +248,19 @@ class Engine:
         self.scheduler.release(request_id)
         self._forget(request_id)
 
+    def load_counts(self) -> LoadCounts:
+        scheduler, allocator, runner = self.scheduler, self.allocator, self.runner
+        return LoadCounts(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            parked=len(scheduler.parked),
+            used_blocks=allocator.num_used,
+            total_blocks=allocator.num_blocks,
+            computed_tokens=runner.num_computed_tokens,
+            computed_prompt_tokens=runner.num_computed_prompt_tokens,
+            preemptions=scheduler.stats.num_preemptions,
+        )
+
     # ---- stepping ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self.overlap:
@@ -242,12 +272,16 @@ class Engine:
             self.runner.idle_forward()  # NOTE: data-parallel ranks run every forward together, even with no tokens
         return []
 
+    @property
+    def busy(self) -> bool:
+        """Whether this engine (this rank alone) has work for step()."""
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
+
     def has_unfinished(self) -> bool:
         """Whether step() has work; with data-parallel ranks, whether any rank has (they step together)."""
-        local = self.scheduler.num_unfinished > 0 or self._inflight is not None
         if self.config.parallel.dp == 1:
-            return local
-        flag = torch.tensor([int(local)])
+            return self.busy
+        flag = torch.tensor([int(self.busy)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.parallel.host_group)
         return bool(flag.item())
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
+from services.engine.parallel.state import ParallelConfig
 
 log = logging.getLogger("pdmesh.worker")
 GRPC_OPTIONS = [
@@ -58,6 +60,21 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    par = parser.add_argument_group("parallelism (colocated workers; one GPU per rank, all on this host)")
+    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
+    par.add_argument(
+        "--dp", type=int, default=1, help="data-parallel attention replicas (default 1); ranks = tp x dp"
+    )
+    par.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel ranks for MoE models: 1 (default) or tp x dp"
+    )
+    par.add_argument(
+        "--ep-dispatch",
+        default="auto",
+        choices=["auto", "all_to_all", "all_gather", "mori"],
+        help="how tokens reach their experts with --dp > 1 (default: all_gather on GPUs)",
+    )
+    par.add_argument("--tbo", action="store_true", help="two-batch overlap (kept only where it is faster)")
     parser.add_argument(
         "--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport"
     )
@@ -91,6 +108,9 @@ def engine_config(args: argparse.Namespace, role: str, model: str) -> EngineConf
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        parallel=ParallelConfig(args.tp, args.dp, args.ep),
+        ep_dispatch=args.ep_dispatch,
+        tbo=args.tbo,
     )
 
 
@@ -108,10 +128,21 @@ def transfer_options(args: argparse.Namespace) -> TransferOptions:
 async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOptions) -> None:
     from services.worker.service import WorkerService
 
-    engine = Engine(config)
     role = config.role
-    server = grpc.aio.server(options=GRPC_OPTIONS)
     cleanup = []
+    if config.parallel.world > 1:
+        from services.worker.ranks import start_ranks
+
+        if role != "colocated":
+            raise SystemExit(
+                f"a {role} worker runs one rank for now (moving tensor-parallel KV caches between workers is "
+                "not implemented); use --tp/--dp/--ep with a colocated worker"
+            )
+        engine: Any = start_ranks(config, _free_port())
+        cleanup.append(engine.close)
+    else:
+        engine = Engine(config)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     session, transferred = "", (lambda: 0)
     if role in ("prefill", "decode"):
         from services.transfer.mooncake_engine import MooncakeEngine
@@ -168,6 +199,12 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
     aengine.stop()
     for fn in cleanup:
         fn()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _routable(host: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -16,18 +17,7 @@ MIN_WATCH_INTERVAL_S = 0.05
 
 
 def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
-    scheduler, allocator, runner = engine.scheduler, engine.allocator, engine.runner
-    return pb.Load(
-        running=len(scheduler.running),
-        waiting=len(scheduler.waiting),
-        parked=len(scheduler.parked),
-        used_blocks=allocator.num_used,
-        total_blocks=allocator.num_blocks,
-        computed_tokens=runner.num_computed_tokens,
-        computed_prompt_tokens=runner.num_computed_prompt_tokens,
-        transferred_bytes=transferred_bytes,
-        preemptions=scheduler.stats.num_preemptions,
-    )
+    return pb.Load(**asdict(engine.load_counts()), transferred_bytes=transferred_bytes)
 
 
 class WorkerService(pb_grpc.WorkerServicer):

@@ -1,0 +1,210 @@
+"""The ranks of one parallel worker: rank 0 serves and drives, the other ranks follow.
+
+A worker with tp x dp > 1 ranks runs one engine per rank (one GPU each, all on this host). Rank 0 runs the gRPC
+services, where a `RankGroup` stands in for its engine. Engine calls are queued and sent to every rank, over the
+host's gloo group, with the next step, so all ranks apply the same calls in the same order and step together:
+- the tensor-parallel ranks of a replica apply every call for that replica: their schedulers stay identical and
+  form the same batches, and their samplers (seeded alike) see the same logits, so they draw the same tokens;
+- data-parallel replicas serve their own requests: rank 0 gives a new request to the replica with the fewest live
+  requests, and each step gathers every replica's outputs (from its first tensor-parallel rank) and load.
+A rank that fails a step may have diverged from the others: the group refuses every later call and the worker
+exits, for its supervisor to restart it; so does a worker whose follower process died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch.distributed as dist
+
+from services.engine.config import EngineConfig
+from services.engine.engine import Engine, LoadCounts, RequestOutput
+from services.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("pdmesh.worker")
+HEARTBEAT_S = 30.0  # idle followers hear from rank 0 at least this often (well inside gloo's timeout)
+EXIT_DELAY_S = 1.0  # after a rank fails: time for the failed requests' errors to reach their callers
+
+
+@dataclass(frozen=True)
+class Call:
+    replica: int  # the data-parallel replica whose ranks apply it
+    method: str  # add_request | abort
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    outputs: list[RequestOutput]  # from a replica's first tensor-parallel rank only
+    busy: bool
+    load: LoadCounts
+    error: str = ""
+
+
+class RankGroup:
+    """Rank 0's stand-in for its engine: the engine API the services use, applied on every rank."""
+
+    def __init__(
+        self, engine: Engine, followers: list[mp.process.BaseProcess], stopping: threading.Event
+    ) -> None:
+        self.engine = engine  # rank 0's: model, tokenizer and limits are the same on every rank
+        self.parallel = engine.parallel
+        self.followers = followers
+        self.stopping = stopping  # set: followers may exit without taking the worker down
+        self.seqs: dict[str, int] = {}  # live request -> its replica
+        self._pending: list[Call] = []
+        self._busy = False
+        self._loads = [engine.load_counts()] * self.parallel.config.dp
+        self._failed = ""
+        self._last_sent = time.monotonic()
+
+    # ---- the engine API the services and AsyncEngine use -------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)  # config, runtime, model_config, layout_fingerprint, ...
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_ids, params)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._check_alive()
+        self.engine.check_request(prompt_ids, params)  # refused here, before any rank sees it
+        if request_id in self.seqs:
+            raise ValueError(f"request {request_id} is already running")
+        live = [0] * self.parallel.config.dp
+        for replica in self.seqs.values():
+            live[replica] += 1
+        replica = min(range(len(live)), key=live.__getitem__)
+        self.seqs[request_id] = replica
+        self._pending.append(Call(replica, "add_request", (request_id, prompt_ids, params)))
+        self._busy = True
+
+    def abort(self, request_id: str) -> bool:
+        replica = self.seqs.pop(request_id, None)
+        if replica is None:
+            return False
+        self._pending.append(Call(replica, "abort", (request_id,)))
+        self._busy = True  # the abort reaches the ranks with the next step
+        return True
+
+    def has_unfinished(self) -> bool:
+        if not self._busy and not self._failed and time.monotonic() - self._last_sent > HEARTBEAT_S:
+            self._exchange(step=False)
+        return self._busy
+
+    def step(self) -> list[RequestOutput]:
+        self._check_alive()
+        reports = self._exchange(step=True)
+        errors = [f"rank {r}: {rep.error}" for r, rep in enumerate(reports) if rep.error]
+        if errors:
+            self._fail("; ".join(errors))
+        self._busy = any(rep.busy for rep in reports)
+        tp = self.parallel.config.tp
+        self._loads = [reports[r].load for r in range(0, len(reports), tp)]
+        outputs = [out for rep in reports[::tp] for out in rep.outputs]
+        for out in outputs:
+            if out.finished:
+                self.seqs.pop(out.request_id, None)
+        return outputs
+
+    def load_counts(self) -> LoadCounts:
+        """The whole worker's load: the sum over its replicas, as of the last step."""
+        total = self._loads[0]
+        for load in self._loads[1:]:
+            total = total + load
+        return total
+
+    def close(self) -> None:
+        """Stop the followers (they leave their loop and exit)."""
+        self.stopping.set()
+        if not self._failed:
+            self._failed = "the worker is shutting down"
+            with contextlib.suppress(RuntimeError):  # a follower already gone: nothing to tell it
+                dist.broadcast_object_list([None], src=0, group=self.parallel.host_group)
+        for p in self.followers:
+            p.join(timeout=10)
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _exchange(self, step: bool) -> list[StepReport]:
+        calls, self._pending = self._pending, []
+        self._last_sent = time.monotonic()
+        dist.broadcast_object_list([(calls, step)], src=0, group=self.parallel.host_group)
+        report = apply(self.engine, self.parallel.dp_rank, calls, step)
+        reports: list[Any] = [None] * self.parallel.world
+        dist.gather_object(report, reports, dst=0, group=self.parallel.host_group)
+        return reports
+
+    def _check_alive(self) -> None:
+        if self._failed:
+            raise RuntimeError(f"this worker's ranks failed ({self._failed}); it is restarting")
+
+    def _fail(self, why: str) -> None:
+        self._failed = why
+        self.stopping.set()
+        log.error("a rank failed, the worker exits: %s", why)
+        threading.Timer(EXIT_DELAY_S, os._exit, (1,)).start()
+        raise RuntimeError(f"a rank of this worker failed: {why}")
+
+
+def apply(engine: Engine, replica: int, calls: list[Call], step: bool) -> StepReport:
+    """What every rank does with a message from rank 0: the calls for its replica, then (maybe) one step."""
+    outputs: list[RequestOutput] = []
+    try:
+        for call in calls:
+            if call.replica == replica:
+                getattr(engine, call.method)(*call.args)
+        if step:
+            outputs = engine.step()
+    except Exception as e:  # reported to rank 0, which fails the worker
+        log.exception("rank %d failed", engine.parallel.rank)
+        return StepReport([], False, engine.load_counts(), f"{type(e).__name__}: {e}")
+    return StepReport(outputs if engine.parallel.tp_rank == 0 else [], engine.busy, engine.load_counts())
+
+
+def follow(config: EngineConfig) -> None:
+    """A follower rank's process: build the engine, then apply rank 0's messages until told to stop."""
+    engine = Engine(config)
+    group = engine.parallel.host_group
+    while True:
+        message: list[Any] = [None]
+        dist.broadcast_object_list(message, src=0, group=group)
+        if message[0] is None:
+            return
+        calls, step = message[0]
+        dist.gather_object(apply(engine, engine.parallel.dp_rank, calls, step), None, dst=0, group=group)
+
+
+def watch(followers: list[mp.process.BaseProcess], stopping: threading.Event) -> None:
+    """A follower that exits (crash, out of memory, killed) takes the worker down: the ranks can no longer step
+    together, and while rank 0 starts up it would otherwise wait for the lost rank forever."""
+    while not stopping.wait(0.5):
+        for p in followers:
+            if p.exitcode is not None and not stopping.is_set():
+                log.error("%s exited (code %s); the worker exits", p.name, p.exitcode)
+                os._exit(1)
+
+
+def start_ranks(config: EngineConfig, port: int) -> RankGroup:
+    """Start ranks 1.. as processes on this host, then build rank 0's engine (joining them) and its group."""
+    init = f"tcp://127.0.0.1:{port}"
+    ctx = mp.get_context("spawn")
+    followers = []
+    for rank in range(1, config.parallel.world):
+        p = ctx.Process(
+            target=follow,
+            args=(replace(config, rank=rank, dist_init_method=init, progress=False),),
+            name=f"pdmesh-rank-{rank}",
+            daemon=True,
+        )
+        p.start()
+        followers.append(p)
+    stopping = threading.Event()
+    threading.Thread(target=watch, args=(followers, stopping), name="rank-watch", daemon=True).start()
+    engine = Engine(replace(config, rank=0, dist_init_method=init))
+    return RankGroup(engine, followers, stopping)
