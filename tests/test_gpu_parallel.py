@@ -48,3 +48,19 @@ def test_expert_parallel_tbo_in_cuda_graphs_matches_one_gpu(moe: Path, tmp_path:
         total = sum(len(t) for t in expected)
         # bf16: the expert sums add in another order across two ranks, so a near-tie may flip late tokens
         assert same >= 0.9 * total, f"rank {rank}: {same}/{total} tokens equal"
+
+
+def test_parallel_colocated_worker_on_two_gpus(moe: Path, tmp_path: Path) -> None:
+    """`pdmesh colocated --dp 2 --ep 2 --tbo` on GPUs 0 and 1 behind a router: one GPU's tokens."""
+    from tests.cluster import load, start_cluster, wait_until
+    from tests.test_parallel_worker import WORKER, complete_all, expected
+
+    args = (*WORKER, "--device", "cuda", "--dtype", "float32", "--dp", "2", "--ep", "2", "--tbo")
+    cluster = start_cluster(moe, tmp_path, "colocated", worker_args=(*args, "--num-blocks", "256"))
+    try:
+        worker = cluster.of_role("colocated")[0]
+        assert complete_all(cluster, moe) == expected(moe, "cuda")
+        wait_until(lambda: load(worker.address).running == 0, 10, "the requests to finish")
+        assert load(worker.address).used_blocks == 0
+    finally:
+        cluster.stop()

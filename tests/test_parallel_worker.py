@@ -29,8 +29,8 @@ def model_name(path: Path) -> str:
     return path.name
 
 
-def expected(model: Path) -> list[list[int]]:
-    llm = LLM(str(model), device="cpu", dtype="float32", block_size=4, progress=False)
+def expected(model: Path, device: str = "cpu") -> list[list[int]]:
+    llm = LLM(str(model), device=device, dtype="float32", block_size=4, progress=False)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     return [o.token_ids for o in llm.generate(PROMPTS, params, progress=False)]
 

@@ -116,11 +116,13 @@ class EngineConfig:
         return self.ep_dispatch
 
     def resolve_device(self, rank: int = 0) -> torch.device:
-        """auto: cuda (one GPU per rank) if available, else cpu."""
+        """auto: cuda (one GPU per rank) if available, else cpu; cuda with several ranks: one GPU per rank."""
         if self.device == "auto":
             if torch.cuda.is_available():
                 return torch.device("cuda", rank % torch.cuda.device_count())
             return torch.device("cpu")
+        if self.device == "cuda" and self.parallel.world > 1:
+            return torch.device("cuda", rank % torch.cuda.device_count())  # one GPU per rank
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
