@@ -75,11 +75,12 @@ class TritonAttention(AttentionBackend):
                 values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
                 mask, causal = causal_lower_right(n, ctx), False
             # NOTE: K/V heads are expanded for GQA (cheap next to the attention itself) so that SDPA takes its
-            # flash / memory-efficient kernels, never the quadratic-memory fallback
+            # flash / memory-efficient kernels, never the quadratic-memory fallback; one copy each (expand, then
+            # reshape), which costs the host far less than repeat_interleave
             o = F.scaled_dot_product_attention(  # 4-D inputs: the fused kernels accept nothing else
                 query[None],
-                keys.repeat_interleave(group, 0)[None],
-                values.repeat_interleave(group, 0)[None],
+                _expand_heads(keys, group)[None],
+                _expand_heads(values, group)[None],
                 attn_mask=mask,
                 is_causal=causal,
                 scale=self.scale,
@@ -87,3 +88,11 @@ class TritonAttention(AttentionBackend):
             out[rows] = o.transpose(0, 1)
             start += n
         return out
+
+
+def _expand_heads(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[Hkv, n, D] -> [Hkv * group, n, D], each head repeated `group` times in a row (as repeat_interleave)."""
+    if group == 1:
+        return t
+    h, n, d = t.shape
+    return t[:, None].expand(h, group, n, d).reshape(h * group, n, d)
