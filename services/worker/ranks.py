@@ -17,15 +17,18 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine, LoadCounts, RequestOutput
+from services.engine.parallel.comm import gather_into
 from services.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pdmesh.worker")
@@ -126,7 +129,7 @@ class RankGroup:
         if not self._failed:
             self._failed = "the worker is shutting down"
             with contextlib.suppress(RuntimeError):  # a follower already gone: nothing to tell it
-                dist.broadcast_object_list([None], src=0, group=self.parallel.host_group)
+                send_calls(STOP, [], self.parallel.host_group)
         for p in self.followers:
             p.join(timeout=10)
 
@@ -134,11 +137,11 @@ class RankGroup:
     def _exchange(self, step: bool) -> list[StepReport]:
         calls, self._pending = self._pending, []
         self._last_sent = time.monotonic()
-        dist.broadcast_object_list([(calls, step)], src=0, group=self.parallel.host_group)
-        report = apply(self.engine, self.parallel.dp_rank, calls, step)
-        reports: list[Any] = [None] * self.parallel.world
-        dist.gather_object(report, reports, dst=0, group=self.parallel.host_group)
-        return reports
+        group = self.parallel.host_group
+        send_calls(STEP if step else HEARTBEAT, calls, group)
+        return share_reports(
+            apply(self.engine, self.parallel.dp_rank, calls, step), self.parallel.world, group
+        )
 
     def _check_alive(self) -> None:
         if self._failed:
@@ -170,14 +173,55 @@ def apply(engine: Engine, replica: int, calls: list[Call], step: bool) -> StepRe
 def follow(config: EngineConfig) -> None:
     """A follower rank's process: build the engine, then apply rank 0's messages until told to stop."""
     engine = Engine(config)
-    group = engine.parallel.host_group
-    while True:
-        message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=group)
-        if message[0] is None:
-            return
-        calls, step = message[0]
-        dist.gather_object(apply(engine, engine.parallel.dp_rank, calls, step), None, dst=0, group=group)
+    group, world = engine.parallel.host_group, engine.parallel.world
+    while (message := receive_calls(group))[0] != STOP:
+        kind, calls = message
+        share_reports(apply(engine, engine.parallel.dp_rank, calls, kind == STEP), world, group)
+
+
+# ---- the wire: small int64 headers every step; pickled payloads only when there is something to say -----------
+STOP, HEARTBEAT, STEP = 0, 1, 2
+
+
+def send_calls(kind: int, calls: list[Call], group: dist.ProcessGroup | None) -> None:
+    payload = pickle.dumps(calls) if calls else b""
+    dist.broadcast(torch.tensor([kind, len(payload)], dtype=torch.int64), src=0, group=group)
+    if payload:
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group)
+
+
+def receive_calls(group: dist.ProcessGroup | None) -> tuple[int, list[Call]]:
+    head = torch.empty(2, dtype=torch.int64)
+    dist.broadcast(head, src=0, group=group)
+    kind, size = head.tolist()
+    if not size:
+        return kind, []
+    payload = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(payload, src=0, group=group)
+    return kind, pickle.loads(payload.numpy().tobytes())
+
+
+def share_reports(report: StepReport, world: int, group: dist.ProcessGroup | None) -> list[StepReport]:
+    """Every rank's report, in rank order (all ranks take part; rank 0 uses them)."""
+    payload = pickle.dumps((report.outputs, report.error)) if report.outputs or report.error else b""
+    head = torch.tensor([int(report.busy), len(payload), *astuple(report.load)], dtype=torch.int64)
+    heads = torch.empty(world * head.numel(), dtype=torch.int64)
+    gather_into(heads, head, group=group)
+    rows = heads.view(world, -1).tolist()
+    longest = max(row[1] for row in rows)
+    payloads: list[bytes] = [b""] * world
+    if longest:
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else 0
+        everyone = torch.empty(world * longest, dtype=torch.uint8)
+        gather_into(everyone, mine, group=group)
+        data = everyone.numpy().tobytes()
+        payloads = [data[r * longest : r * longest + row[1]] for r, row in enumerate(rows)]
+    reports = []
+    for row, data in zip(rows, payloads, strict=True):
+        outputs, error = pickle.loads(data) if data else ([], "")
+        reports.append(StepReport(outputs, bool(row[0]), LoadCounts(*row[2:]), error))
+    return reports
 
 
 def watch(followers: list[mp.process.BaseProcess], stopping: threading.Event) -> None:
