@@ -32,6 +32,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prefix_cache.py
 	$(BIN)/python bench/transfer.py --device cpu --repeats 9
+	$(BIN)/python bench/ranks.py
 
 # regenerate the gRPC stubs next to the contract (committed, so installs need no protoc)
 proto: $(STAMP)
