@@ -104,3 +104,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.engine.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def dense(llama_checkpoint: Path) -> Path:
+    """The dense model of the parallel tests."""
+    return llama_checkpoint
+
+
+@pytest.fixture(scope="session")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-MoE checkpoint."""
+    from tests.test_moe_models import build
+
+    path = tmp_path_factory.mktemp("moe")
+    build("qwen3_moe", path)
+    return path

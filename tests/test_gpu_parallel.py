@@ -8,19 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_moe_models import build
 from tests.test_parallel import PROMPTS, run_ranks, single
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 GPU = {"device": "auto", "dtype": "bfloat16", "block_size": 16, "max_num_batched_tokens": 256}
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("moe")
-    build("qwen3_moe", path)
-    return path
 
 
 def test_expert_parallel_tbo_in_cuda_graphs_matches_one_gpu(moe: Path, tmp_path: Path) -> None:

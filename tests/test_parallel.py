@@ -13,7 +13,6 @@ import pytest
 from services.engine import LLM, SamplingParams
 from services.engine.parallel.state import ParallelConfig
 from tests.cluster import free_port
-from tests.conftest import build_hf_checkpoint
 from tests.test_moe_models import build as build_moe
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -52,18 +51,6 @@ def run_ranks(model: Path, options: dict, prompts_by_rank: list[list[list[int]]]
 def single(model: Path, prompts: list[list[int]], **options: object) -> list[list[int]]:
     llm = LLM(str(model), progress=False, **{**CPU, **options})
     return [o.token_ids for o in llm.generate(prompts, GREEDY, progress=False)]
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_hf_checkpoint(tmp_path_factory.mktemp("dense"), "llama")
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("moe")
-    build_moe("qwen3_moe", path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,6 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from tests.cluster import ROOT, Cluster, load, random_prompts, start_cluster, stream_completion, wait_until
-from tests.conftest import build_hf_checkpoint
-from tests.test_moe_models import build as build_moe
 
 MAX_TOKENS = 12
 PROMPTS = random_prompts(11, [5, 23, 40, 9])
@@ -53,18 +51,6 @@ def alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
     return bool(stat) and stat.split()[2] != "Z"
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_hf_checkpoint(tmp_path_factory.mktemp("dense"), "llama")
-
-
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("moe")
-    build_moe("qwen3_moe", path)
-    return path
 
 
 @pytest.fixture(scope="module")

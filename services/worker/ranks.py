@@ -72,9 +72,6 @@ class RankGroup:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)  # config, runtime, model_config, layout_fingerprint, ...
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_ids, params)
-
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._check_alive()
         self.engine.check_request(prompt_ids, params)  # refused here, before any rank sees it
