@@ -1,8 +1,9 @@
-"""KV transfer throughput: pdmesh's path (gather -> fence -> coalesced write, chunk by chunk, on the sender's
-transfer thread) against raw Mooncake `batch_transfer_sync_write` of the same bytes, between two processes.
+"""KV transfer throughput: pdmesh's path (gather -> fence -> coalesced write, chunk by chunk, on the destination's
+writer thread) against raw Mooncake `batch_transfer_sync_write` of the same bytes, between two processes.
 
-    python bench/transfer.py --device cpu                       # here
-    python bench/transfer.py --device cuda --layers 32 ...      # GPU to GPU (two processes)
+    python bench/transfer.py --device cpu                                          # here
+    python bench/transfer.py --device cuda --layers 32 ...                         # GPU to GPU over TCP
+    python bench/transfer.py --device cuda --layers 32 --protocol nvlink_intra ... # CUDA IPC (one host)
 
 The receiver process holds a KV pool registered with Mooncake, as a decode worker does; the sender holds a KV
 cache and a staging buffer, as a prefill worker does. Both runs move the prompt's blocks into the same
@@ -27,8 +28,10 @@ from services.engine.config import DTYPES
 from services.engine.kv_cache import KVCache, KVLayout
 from services.transfer.checksum import kv_checksum
 from services.transfer.destination import KvDestination
-from services.transfer.mooncake_engine import MooncakeEngine
-from services.transfer.sender import KvSender, coalesce
+from services.transfer.endpoints import KvEndpoint
+from services.transfer.mooncake_engine import MooncakeEngine, MooncakeEngines
+from services.transfer.peer import coalesce
+from services.transfer.sender import KvSender
 from services.transfer.staging import StagingBuffer
 
 
@@ -42,7 +45,7 @@ def receiver(args: argparse.Namespace) -> None:
     device = torch.device(args.receiver_device or args.device)
     num_blocks = 2 * -(-args.prompt_tokens // args.block_size)
     cache = KVCache(layout(args, num_blocks), device)
-    engine = MooncakeEngine("127.0.0.1", "tcp")
+    engine = MooncakeEngine("127.0.0.1", args.protocol, timeout_s=300)
     engine.register(cache.kv)
     print(json.dumps({"session": engine.session_id, "base": cache.kv.data_ptr()}), flush=True)
     for line in sys.stdin:  # "checksum <ids...>" requests until the sender closes stdin
@@ -66,6 +69,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=8192)
     ap.add_argument("--chunk-tokens", type=int, default=2048, help="prefill chunk: blocks pushed per push")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--protocol", default="tcp", choices=["tcp", "nvlink_intra"], help="Mooncake transport")
     args = ap.parse_args()
     if args.role == "receiver":
         receiver(args)
@@ -85,12 +89,14 @@ def main() -> None:
     cache.kv.copy_(torch.randn(cache.kv.shape, dtype=torch.float32).to(cache.kv.dtype))
     nbytes = cache.layout.block_nbytes
     chunk_blocks = args.chunk_tokens // args.block_size
-    engine = MooncakeEngine("127.0.0.1", "tcp")
-    staging = StagingBuffer(cache, num_slots=4, slot_blocks=chunk_blocks)
-    sender = KvSender(engine, cache, staging, timeout_s=300)
+    engines = MooncakeEngines("127.0.0.1", [args.protocol], "", timeout_s=300, required=True)
+    engine = engines.by_protocol[args.protocol]
+    staging = StagingBuffer(cache.kv, nbytes, num_slots=4, slot_blocks=chunk_blocks)
+    sender = KvSender(engines, cache.kv, args.block_size, nbytes, staging, timeout_s=300)
     src_blocks = list(range(blocks, 2 * blocks))  # where a prefill worker's blocks would be
     dst_blocks = tuple(range(blocks))
-    dest = KvDestination(info["session"], info["base"], nbytes, dst_blocks, 0, "bench")
+    endpoint = KvEndpoint(args.protocol, info["session"])
+    dest = KvDestination((endpoint,), engines.host_id, info["base"], nbytes, dst_blocks, 0, "bench")
     raw_src = cache.kv[
         blocks:
     ].contiguous()  # the same bytes, already contiguous and registered: the best case
@@ -116,7 +122,7 @@ def main() -> None:
             dst += d
             lengths += ln
         started = time.perf_counter()
-        engine.write(dest.session_id, src, dst, lengths)
+        engine.write(endpoint.session_id, src, dst, lengths)
         return time.perf_counter() - started
 
     def pdmesh(i: int) -> float:
@@ -128,7 +134,7 @@ def main() -> None:
         for done in range(chunk_blocks, blocks + chunk_blocks, chunk_blocks):  # one push per prefill chunk
             sender.push_ready({rid: (src_blocks, min(done, blocks))})
         sender.close(rid, src_blocks)
-        sender.wait(rid)
+        sender.wait(rid, 300)
         elapsed = time.perf_counter() - started
         sender.forget(rid)
         return elapsed
@@ -147,7 +153,8 @@ def main() -> None:
     peer.wait(timeout=30)
     r, o = statistics.median(raw_times), statistics.median(ours)
     print(
-        f"KV transfer, {args.device} -> {args.receiver_device or args.device} over Mooncake TCP, two processes"
+        f"KV transfer, {args.device} -> {args.receiver_device or args.device} over Mooncake {args.protocol}, "
+        "two processes"
     )
     print(
         f"  {blocks} blocks of {nbytes / 2**20:.2f} MiB ({total / 2**30:.2f} GiB: {args.prompt_tokens} tokens, "

@@ -40,9 +40,17 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, help="KV blocks per worker (default: sized from memory)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma"])
+    parser.add_argument(
+        "--transfer-protocol",
+        default="auto",
+        choices=["auto", "tcp", "rdma", "nvlink_intra"],
+        help="KV transport between prefill and decode workers (auto: nvlink_intra between GPUs, else tcp)",
+    )
     parser.add_argument(
         "--kv-checksum", action="store_true", help="verify every KV transfer end to end (debug)"
+    )
+    parser.add_argument(
+        "--load-format", default="safetensors", choices=["safetensors", "dummy"], help="dummy: random weights"
     )
     parser.add_argument("--api-key", help="require this API key at the router")
     parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
@@ -143,6 +151,8 @@ def run_cluster(args: argparse.Namespace) -> int:
         str(args.max_num_seqs),
         "--transfer-protocol",
         args.transfer_protocol,
+        "--load-format",
+        args.load_format,
     ]
     if args.num_blocks:
         common += ["--num-blocks", str(args.num_blocks)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.engine.kv_cache import KVCache, KVLayout
-from services.transfer.staging import StagingBuffer
+from services.transfer.staging import StagingBuffer, step_event
 from tests.cluster import Cluster, load, random_prompts, start_cluster, stream_completion
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -19,23 +19,38 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_staging_gather_on_a_side_stream_is_fenced() -> None:
     layout = KVLayout(64, 4, 16, 8, 128, torch.bfloat16)
     cache = KVCache(layout, torch.device("cuda"))
-    staging = StagingBuffer(cache, num_slots=2, slot_blocks=16)
+    staging = StagingBuffer(cache.kv, layout.block_nbytes, num_slots=2, slot_blocks=16)
+    side = torch.cuda.Stream()
     ids = [5, 9, 10, 11, 40, 2]
     for trial in range(20):
-        cache.kv.normal_()  # queued on the compute stream right before the gather
+        torch.cuda._sleep(
+            1_000_000
+        )  # the step computing the blocks is still running when the gather is queued
+        cache.kv.normal_()
         expected = cache.kv[ids].clone()
-        fence = staging.gather(trial % 2, ids)
-        cache.kv.zero_()  # later compute-stream work must not change what was gathered
+        fence = staging.gather(trial % 2, ids, step_event(cache.kv), side)
         fence.wait()
         assert torch.equal(staging.buffer[trial % 2, : len(ids)], expected)
+        cache.kv.zero_()
 
 
-@pytest.fixture(scope="module")
-def gpu_pd(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=["auto", "tcp"])
+def gpu_pd(
+    request: pytest.FixtureRequest, llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     cluster = start_cluster(
         llama_checkpoint,
-        tmp_path_factory.mktemp("gpu-logs"),
-        worker_args=("--device", "cuda", "--dtype", "float32", "--max-num-batched-tokens", "32"),
+        tmp_path_factory.mktemp(f"gpu-{request.param}"),
+        worker_args=(
+            "--device",
+            "cuda",
+            "--dtype",
+            "float32",
+            "--max-num-batched-tokens",
+            "32",
+            "--transfer-protocol",
+            request.param,
+        ),
         router_args=("--kv-checksum",),
     )
     yield cluster
@@ -43,6 +58,7 @@ def gpu_pd(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_pd_on_gpu_matches_transformers(gpu_pd: Cluster, llama_checkpoint: Path) -> None:
+    """Over each transport (auto: CUDA IPC between the two processes on this GPU), with KV checksums on."""
     from transformers import AutoModelForCausalLM
 
     from tests.test_models_vs_transformers import hf_generate
@@ -55,3 +71,7 @@ def test_pd_on_gpu_matches_transformers(gpu_pd: Cluster, llama_checkpoint: Path)
         assert usage["usage"]["completion_tokens"] == 24
     assert load(decode).computed_prompt_tokens == 0
     assert load(decode).used_blocks == 0
+    (prefill,) = gpu_pd.of_role("prefill")
+    log = prefill.log.read_text()
+    chosen = "nvlink_intra" if "auto" in str(gpu_pd.log_dir) else "tcp"
+    assert f"go over {chosen}" in log, log[-2000:]

@@ -15,8 +15,10 @@ from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 from services.engine.kv_cache import KVCache, KVLayout
 from services.transfer.checksum import kv_checksum
 from services.transfer.destination import KvDestination
-from services.transfer.mooncake_engine import MooncakeEngine, TransferError
-from services.transfer.sender import KvSender, coalesce
+from services.transfer.endpoints import KvEndpoint
+from services.transfer.mooncake_engine import MooncakeEngine, MooncakeEngines, TransferError
+from services.transfer.peer import coalesce
+from services.transfer.sender import KvSender
 from services.transfer.staging import StagingBuffer
 from tests.cluster import Cluster, Proc, load, wait_until
 
@@ -46,16 +48,19 @@ def test_sender_reports_an_unreachable_peer_instead_of_hanging() -> None:
         num_blocks=8, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32
     )
     cache = KVCache(layout, torch.device("cpu"))
-    engine = MooncakeEngine("127.0.0.1", "tcp")
-    sender = KvSender(engine, cache, StagingBuffer(cache, num_slots=2, slot_blocks=4), timeout_s=20)
+    engines = MooncakeEngines("127.0.0.1", ["tcp"], "", timeout_s=5, required=True)
+    staging = StagingBuffer(cache.kv, layout.block_nbytes, num_slots=2, slot_blocks=4)
+    sender = KvSender(engines, cache.kv, layout.block_size, layout.block_nbytes, staging, timeout_s=5)
     try:
-        nowhere = KvDestination("127.0.0.1:1", 1 << 20, layout.block_nbytes, (0, 1), 0, "x")
+        nowhere = KvDestination(
+            (KvEndpoint("tcp", "127.0.0.1:1"),), "elsewhere", 1 << 20, layout.block_nbytes, (0, 1), 0, "x"
+        )
         sender.begin("r", nowhere, 8, checksum=False)
         sender.push_ready({"r": ([3, 5], 2)})
         sender.close("r", [3, 5])
         started = time.monotonic()
         with pytest.raises(TransferError, match=r"127\.0\.0\.1:1"):
-            sender.wait("r")
+            sender.wait("r", 20)
         assert time.monotonic() - started < 20
     finally:
         sender.stop()
@@ -64,9 +69,7 @@ def test_sender_reports_an_unreachable_peer_instead_of_hanging() -> None:
 @pytest.fixture(scope="module")
 def decode_worker(llama_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     cluster = Cluster(llama_checkpoint, tmp_path_factory.mktemp("decode"))
-    proc = cluster.worker(
-        "decode", "--num-blocks", "256", "--reservation-timeout", "2", "--quarantine", "0.5"
-    )
+    proc = cluster.worker("decode", "--num-blocks", "256", "--reservation-lease", "2", "--quarantine", "0.5")
     cluster.wait_workers()
     yield proc
     cluster.stop()
@@ -76,9 +79,8 @@ def write_blocks(engine: MooncakeEngine, dest: pb.KvDestination, blocks: torch.T
     engine.register(blocks)
     nbytes = dest.block_nbytes
     src = [blocks.data_ptr() + i * nbytes for i in range(len(dest.block_ids))]
-    engine.write(
-        dest.session_id, src, [dest.base_address + b * nbytes for b in dest.block_ids], [nbytes] * len(src)
-    )
+    (session,) = [e.session_id for e in dest.endpoints if e.protocol == "tcp"]
+    engine.write(session, src, [dest.base_address + b * nbytes for b in dest.block_ids], [nbytes] * len(src))
 
 
 def test_decode_accepts_matching_and_rejects_mismatching_kv(decode_worker: Proc) -> None:
@@ -135,7 +137,7 @@ def test_reservation_expires_and_unknown_generate_is_refused(decode_worker: Proc
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in e.value.details()
     decode.Release(pb.ReleaseRequest(request_id="a", writer_done=True))
     assert load(decode_worker.address).used_blocks == 125  # freed at once: the writer confirmed it is done
-    # "b" gets no Generate: its reservation expires (2 s), waits out the quarantine, and is freed
+    # "b" gets no Generate and no renewal: its lease lapses (2 s), waits out the quarantine, and is freed
     wait_until(
         lambda: load(decode_worker.address).used_blocks == 0, 10, "the expired reservation to be freed"
     )

@@ -1,9 +1,12 @@
 """The Decode service: reserve blocks for a prompt's KV, then stream tokens once the KV has landed.
 
 States of a request here: RESERVED (blocks held, a prefill worker is writing) -> RUNNING (decoding) -> done.
-A reservation not followed by Generate within `reservation_timeout_s` is released. Blocks a transfer may still
-write are never reused early: a release without the prefill worker's confirmation (`writer_done`) keeps them in
-quarantine for `quarantine_s` first.
+A reservation is a lease: it lapses `lease_s` after it was made or last renewed (`Renew`, sent by the prefill
+worker while it makes progress) unless `Generate` took it first. Blocks a transfer may still write are never reused
+early: a release without the prefill worker's confirmation (`writer_done`), and a lapse, keep them in quarantine
+for `quarantine_s` first (at least a write's timeout on the prefill side). A reservation whose caller is gone
+before it got the answer is undone at once; a `Release` that overtakes its `Reserve` leaves a tombstone that
+undoes the late reservation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 
 import grpc
 from pdmesh.v1 import worker_pb2 as pb
@@ -29,30 +33,51 @@ from services.worker.convert import (
 )
 
 log = logging.getLogger("pdmesh.decode")
+TOMBSTONE_S = 300.0  # how long a released request id stays refused
+
+
+@dataclass
+class Held:
+    reservation: Reservation
+    expires: float  # monotonic
 
 
 class DecodeService(pb_grpc.DecodeServicer):
     def __init__(
-        self, aengine: AsyncEngine, receiver: KvReceiver, reservation_timeout_s: float, quarantine_s: float
+        self, aengine: AsyncEngine, receiver: KvReceiver, address: str, lease_s: float, quarantine_s: float
     ) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
         self.receiver = receiver
-        self.reservation_timeout_s = reservation_timeout_s
+        self.address = address  # where prefill workers renew leases
+        self.lease_s = lease_s
         self.quarantine_s = quarantine_s
-        self.reserved: dict[str, tuple[Reservation, asyncio.TimerHandle]] = {}
+        self.reserved: dict[str, Held] = {}
         self.quarantined = 0  # requests whose blocks wait out a possible late write
+        self._released: dict[str, float] = {}  # request id -> when it was released before it was reserved
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def Reserve(
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
         rid = request.request_id
+        if rid in self._released:
+            await context.abort(
+                grpc.StatusCode.ABORTED, f"request {rid} was released before it was reserved."
+            )
         try:
             params = sampling_from_proto(request.sampling)
-            reservation = await self.aengine.call(
-                self.engine.reserve, rid, list(request.prompt_token_ids), params
-            )
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        call = asyncio.ensure_future(
+            self.aengine.call(self.engine.reserve, rid, list(request.prompt_token_ids), params)
+        )
+        try:
+            reservation = await asyncio.shield(call)
+        except asyncio.CancelledError:  # the caller is gone (cancelled, deadline): hold nothing for it
+            self._spawn(self._undo(call, rid))
+            raise
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if reservation is None:
@@ -60,9 +85,26 @@ class DecodeService(pb_grpc.DecodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "no free KV blocks or sequence slots on this decode worker now; retry later or on another worker.",
             )
-        timer = asyncio.get_running_loop().call_later(self.reservation_timeout_s, self._spawn_expiry, rid)
-        self.reserved[rid] = (reservation, timer)
-        return pb.ReserveResponse(destination=destination_to_proto(self.receiver.destination(reservation)))
+        if rid in self._released:  # released while the engine was reserving
+            await self.aengine.call(self.engine.release, rid)
+            await context.abort(grpc.StatusCode.ABORTED, f"request {rid} was released while it was reserved.")
+        self.reserved[rid] = Held(reservation, time.monotonic() + self.lease_s)
+        self._ensure_sweeper()
+        context.add_done_callback(lambda ctx: self._caller_gone(rid) if ctx.cancelled() else None)
+        destination = self.receiver.destination(
+            reservation.block_ids, reservation.num_cached_tokens, self.address, self.lease_s
+        )
+        return pb.ReserveResponse(destination=destination_to_proto(destination))
+
+    async def Renew(self, request: pb.RenewRequest, context: grpc.aio.ServicerContext) -> pb.RenewResponse:
+        expires = time.monotonic() + self.lease_s
+        held = []
+        for rid in request.request_ids:
+            entry = self.reserved.get(rid)
+            if entry is not None:
+                entry.expires = expires
+                held.append(rid)
+        return pb.RenewResponse(held=held)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -72,12 +114,13 @@ class DecodeService(pb_grpc.DecodeServicer):
         entry = self.reserved.pop(rid, None)
         if entry is None:
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no reservation for {rid} (unknown, expired or released)."
+                grpc.StatusCode.NOT_FOUND, f"no reservation for {rid} (unknown, lapsed or released)."
             )
-        reservation, timer = entry
-        timer.cancel()
+        reservation = entry.reservation
         if request.HasField("kv_checksum"):
-            got = await self.aengine.call(self.receiver.checksum, reservation)
+            got = await self.aengine.call(
+                self.receiver.checksum, reservation.block_ids, reservation.num_cached_tokens
+            )
             if got != request.kv_checksum:
                 await self.aengine.call(self.engine.release, rid)
                 await context.abort(
@@ -111,22 +154,53 @@ class DecodeService(pb_grpc.DecodeServicer):
     ) -> pb.ReleaseResponse:
         rid = request.request_id
         entry = self.reserved.pop(rid, None)
-        if entry is None:  # decoding (or done): an abort frees its blocks, no transfer is writing any more
-            return pb.ReleaseResponse(released=await self.aengine.call(self.engine.abort, rid))
-        entry[1].cancel()
+        if entry is None:  # decoding, done, or not reserved yet
+            released = await self.aengine.call(self.engine.abort, rid)
+            if not released:
+                self._tombstone(rid)
+            return pb.ReleaseResponse(released=released)
         if request.writer_done:
             await self._release_reserved(rid, writer_done=True)
         else:
             self._spawn(self._release_reserved(rid, writer_done=False))
         return pb.ReleaseResponse(released=True)
 
-    def _spawn_expiry(self, rid: str) -> None:
-        self._spawn(self._expire(rid))
-
-    async def _expire(self, rid: str) -> None:
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _caller_gone(self, rid: str) -> None:
+        """The Reserve call was cancelled after the blocks were held: nobody got the destination."""
         if self.reserved.pop(rid, None) is not None:
-            log.warning("reservation %s expired without Generate; releasing its blocks", rid)
-            await self._release_reserved(rid, writer_done=False)
+            self._spawn(self._release_reserved(rid, writer_done=True))
+
+    def _tombstone(self, rid: str) -> None:
+        now = time.monotonic()
+        self._released[rid] = now
+        for old, when in list(self._released.items()):
+            if now - when > TOMBSTONE_S:
+                del self._released[old]
+
+    async def _undo(self, call: Awaitable[Reservation | None], rid: str) -> None:
+        try:
+            reservation = await call
+        except RequestError:
+            return
+        if reservation is not None and rid not in self.reserved:
+            await self.aengine.call(self.engine.release, rid)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        period = min(0.5, self.lease_s / 4)
+        while self.reserved:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for rid in [r for r, held in self.reserved.items() if held.expires <= now]:
+                del self.reserved[rid]
+                log.warning(
+                    "the reservation of %s lapsed (no Generate, no renewal); releasing its blocks", rid
+                )
+                self._spawn(self._release_reserved(rid, writer_done=False))
 
     async def _release_reserved(self, rid: str, writer_done: bool) -> None:
         if writer_done:
@@ -140,7 +214,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         finally:
             self.quarantined -= 1
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.num_steps = 0
+        self.last_step_at = time.monotonic()  # when the last step ended (or the engine started)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -87,6 +89,7 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
                 self.num_steps += 1
+                self.last_step_at = time.monotonic()
                 if self.after_step is not None:
                     self.after_step(outputs)
             except Exception as e:  # a failed step must not hang the requests in it

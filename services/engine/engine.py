@@ -24,6 +24,7 @@ from services.engine.models import load_model
 from services.engine.models.moe import Experts
 from services.engine.parallel.state import init_parallel
 from services.engine.runner import InFlight, ModelRunner
+from services.engine.sampler import skip_sampled_step
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Batch, ScheduledSeq, Scheduler
 from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence, TokenLogprob
@@ -241,6 +242,10 @@ class Engine:
     def admit_prefilled(self, request_id: str, first_token: int) -> list[RequestOutput]:
         """The reserved prompt's KV has landed: decode from the first token (sampled by the prefill worker)."""
         seq = self.scheduler.admit_prefilled(request_id)
+        if seq.generator is not None:
+            # the prefill worker drew the first token's noise from its own generator of the same seed; without
+            # this, our first draw would replay that noise and the text would differ from a colocated run's
+            skip_sampled_step(seq.generator, self.model_config.vocab_size)  # the width of the runner's logits
         return [self._emit(seq, first_token, None)]
 
     def release(self, request_id: str) -> None:

@@ -118,14 +118,36 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+NOISE_DTYPE = torch.float32  # probabilities are computed from upcast logits, so the noise is float32 too
+
+
+def _seeded_row_noise(row: torch.Tensor, generator: torch.Generator) -> None:
+    """NOTE: the only draw a sampled step takes from a seeded row's generator: one Exp(1) value per vocabulary
+    entry, in place. `skip_sampled_step` replays exactly this call; change the two together."""
+    row.exponential_(generator=generator)
+
+
 def exponential_noise(
     probs: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator | None
 ) -> torch.Tensor:
+    assert probs.dtype == NOISE_DTYPE and probs.is_contiguous(), (probs.dtype, probs.stride())
     noise = torch.empty_like(probs).exponential_(generator=default)
     for i, gen in enumerate(generators):
         if gen is not None:
-            noise[i].exponential_(generator=gen)
+            _seeded_row_noise(noise[i], gen)
     return noise.clamp_min_(1e-20)
+
+
+def skip_sampled_step(generator: torch.Generator, vocab_size: int) -> None:
+    """Advance a seeded row's generator past exactly what one sampled step over `vocab_size` logits draws from it,
+    as if this sampler had made that step (a decode worker continuing from the prefill worker's first token).
+
+    The draw itself is replayed (same width, dtype and device) rather than the generator's offset computed: how
+    far a draw moves a generator depends on the device (CPU Mersenne Twister or CUDA Philox, whose offset steps
+    depend on the launch grid), and replaying is correct on every one of them.
+    """
+    row = torch.empty(vocab_size, dtype=NOISE_DTYPE, device=generator.device)
+    _seeded_row_noise(row, generator)
 
 
 class Sampler:

@@ -1,9 +1,11 @@
 """The Prefill service: chunked prefill that pushes each chunk's KV to the decode worker while computing the next.
 
-One `Prefill` call: check the destination's layout, run the prompt through the engine (prefill role), push
-completed blocks after every step, sample the first token, wait for the last byte to land, release the blocks,
-answer with the first token and timings. Any failure or cancellation aborts the request and waits until no KV
-write for it is in flight, so the decode worker can free its blocks safely.
+One `Prefill` call: check the destination's layout, confirm the decode reservation's lease, run the prompt
+through the engine (prefill role), hand completed blocks to the KV writers after every step, sample the first
+token, wait for the last byte to land, release the blocks, answer with the first token and timings. Any failure
+or cancellation aborts the request and waits until no KV write for it is in flight, so the decode worker can free
+its blocks safely. A failed transfer fails its own request only (ABORTED: the decode side is at fault, not this
+worker).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.engine import RequestOutput
 from services.engine.errors import RequestError
+from services.prefill.lease import LeaseKeeper, LeaseLapsed
 from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import TransferError
-from services.transfer.sender import KvSender
+from services.transfer.sender import KvSender, RequestTransfer
 from services.worker.convert import destination_from_proto, logprob_to_proto, sampling_from_proto
 
 log = logging.getLogger("pdmesh.prefill")
 TOMBSTONE_S = 300.0  # how long an aborted request id stays refused
+WAIT_LIMIT_S = 3600.0
 
 
 class PrefillService(pb_grpc.PrefillServicer):
@@ -33,18 +37,25 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.aengine = aengine
         self.engine = aengine.engine
         self.sender = sender
+        self.leases = LeaseKeeper(sender, lambda: aengine.last_step_at)
         self.block_size = self.engine.config.block_size
         self._aborted: dict[str, float] = {}  # request id -> when; an Abort may overtake its Prefill
 
     # ---- engine thread -----------------------------------------------------------------------------------
     def _start(
-        self, request_id: str, prompt: list[int], params, destination: KvDestination, checksum: bool
+        self,
+        request_id: str,
+        prompt: list[int],
+        params,
+        destination: KvDestination,
+        checksum: bool,
+        lease_until: float,
     ) -> None:
         if request_id in self._aborted:
             raise RequestError(f"request {request_id} was aborted.")
         self.engine.add_request(request_id, prompt, params)
         try:
-            self.sender.begin(request_id, destination, len(prompt), checksum)
+            self.sender.begin(request_id, destination, len(prompt), checksum, lease_until)
         except ValueError as e:
             self.engine.abort(request_id)
             raise RequestError(str(e)) from e
@@ -97,12 +108,22 @@ class PrefillService(pb_grpc.PrefillServicer):
                 f"KV layouts differ (decode {destination.layout_fingerprint}, prefill {mine}): run prefill and "
                 "decode workers with the same checkpoint, dtype and block size.",
             )
+        try:
+            lease_until = await self.leases.confirm(rid, destination)
+        except LeaseLapsed as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
         stream = self.aengine.open_stream(rid)
         done = False
         try:
             try:
                 await self.aengine.call(
-                    self._start, rid, list(request.prompt_token_ids), params, destination, request.kv_checksum
+                    self._start,
+                    rid,
+                    list(request.prompt_token_ids),
+                    params,
+                    destination,
+                    request.kv_checksum,
+                    lease_until,
                 )
             except RequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -111,13 +132,9 @@ class PrefillService(pb_grpc.PrefillServicer):
                 raise item
             out: RequestOutput = item
             try:
-                transfer = await asyncio.to_thread(self.sender.wait, rid)
-            except TimeoutError as e:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+                transfer = await self._landed(rid)
             except TransferError as e:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"KV transfer to the decode worker failed: {e}"
-                )
+                await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to the decode worker failed: {e}")
             await self.aengine.call(self._forget, rid)
             done = True
             landed = transfer.finished or time.monotonic()
@@ -146,6 +163,32 @@ class PrefillService(pb_grpc.PrefillServicer):
             if not done:
                 await asyncio.shield(self._abort(rid))
 
+    async def _transfer_over(self, request_id: str, timeout: float) -> bool:
+        """Wait (without a thread) until the request's transfer is over; False on timeout."""
+        loop = asyncio.get_running_loop()
+        over = loop.create_future()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(lambda: over.done() or over.set_result(None))
+
+        if not self.sender.when_done(request_id, notify):
+            return True
+        try:
+            await asyncio.wait_for(over, timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _landed(self, request_id: str) -> RequestTransfer:
+        """Every byte written; raises TransferError (the request alone failed)."""
+        # every write is bounded in time, so this returns; the limit only guards against a lost notification
+        if not await self._transfer_over(request_id, WAIT_LIMIT_S):
+            raise TransferError(f"the KV transfer of {request_id} did not end within {WAIT_LIMIT_S:.0f}s")
+        t = self.sender.requests[request_id]
+        if t.error:
+            raise TransferError(t.error)
+        return t
+
     def _tombstone(self, request_id: str) -> None:
         now = time.monotonic()
         self._aborted[request_id] = now
@@ -157,7 +200,8 @@ class PrefillService(pb_grpc.PrefillServicer):
     async def _abort(self, request_id: str) -> bool:
         """Abort; True once no KV write for the request can still be in flight."""
         await self.aengine.call(self._tombstone, request_id)
-        drained = await asyncio.to_thread(self.sender.cancel, request_id)
+        self.sender.cancel(request_id)
+        drained = await self._transfer_over(request_id, self.sender.timeout_s)
         await self.aengine.call(self.sender.forget, request_id)
         return drained
 

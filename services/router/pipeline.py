@@ -114,9 +114,9 @@ class GenerationStream:
         if self.call is not None and not self.finished:
             self.call.cancel()
             if self.worker is not None and self.leg == "decode":
-                await _quietly(
-                    self.worker.decode.Release(pb.ReleaseRequest(request_id=self.request_id), timeout=5)
-                )
+                # the prefill worker answered, so every KV write into these blocks has ended
+                release = pb.ReleaseRequest(request_id=self.request_id, writer_done=True)
+                await _quietly(self.worker.decode.Release(release, timeout=5))
             elif self.worker is not None:
                 await _quietly(
                     self.worker.colocated.Abort(pb.AbortRequest(request_id=self.request_id), timeout=5)
@@ -186,7 +186,11 @@ class Dispatcher:
         decode, destination = await self._reserve(rid, prompt, sampling)
         tried: set[str] = set()
         while True:
-            prefill = await self.pool.pick_live("prefill", exclude=tried)
+            try:
+                prefill = await self.pool.pick_live("prefill", exclude=tried)
+            except BaseException:  # no prefill worker can take it (or the client left): nothing was written
+                await asyncio.shield(self._release(decode, rid, writer_done=True))
+                raise
             request = pb.PrefillRequest(
                 request_id=rid,
                 prompt_token_ids=prompt,
@@ -198,7 +202,7 @@ class Dispatcher:
                 response = await prefill.prefill.Prefill(request, timeout=self.options.prefill_timeout_s)
                 break
             except grpc.aio.AioRpcError as e:
-                writer_done = await self._abort_prefill(prefill, rid)
+                writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.pool.mark_down(prefill, e.details() or "unavailable")
                     tried.add(prefill.address)
@@ -207,7 +211,7 @@ class Dispatcher:
                             "prefill worker %s failed on %s; retrying on another", prefill.address, rid
                         )
                         continue  # the reservation stays: the next prefill worker rewrites every block
-                await self._release(decode, rid, writer_done)
+                await asyncio.shield(self._release(decode, rid, writer_done))
                 raise from_grpc(e, "prefill") from e
             except BaseException:  # cancelled (client gone) or anything unexpected
                 writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
@@ -256,17 +260,23 @@ class Dispatcher:
                     decode = await self.pool.pick_live("decode", exclude=full)
                 except APIError:
                     break
+                request = pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
                 try:
-                    request = pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
                     reply = await decode.decode.Reserve(request, timeout=self.options.reserve_timeout_s)
                     return decode, reply.destination
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         full.add(decode.address)
-                    elif e.code() == grpc.StatusCode.UNAVAILABLE:
+                        continue
+                    # the worker may have reserved before the call failed (deadline): hold nothing for us
+                    await self._release(decode, rid, writer_done=True)
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_down(decode, e.details() or "unavailable")
                     else:
                         raise from_grpc(e, "decode") from e
+                except BaseException:  # the client left mid-call: undo whatever the worker reserved
+                    await asyncio.shield(self._release(decode, rid, writer_done=True))
+                    raise
             if not full:
                 raise APIError(503, "no healthy decode worker is available; check the workers and retry.")
             if time.monotonic() + backoff > deadline:

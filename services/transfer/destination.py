@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.transfer.endpoints import KvEndpoint
+
 
 @dataclass(frozen=True)
 class KvDestination:
-    session_id: str  # the decode worker's Mooncake session, host:rpc_port
+    endpoints: tuple[KvEndpoint, ...]  # the transports the decode worker accepts
+    host_id: str  # the decode worker's host
     base_address: int  # address of block 0 of its registered KV pool
     block_nbytes: int
     block_ids: tuple[int, ...]  # one per prompt block, in order
     num_cached_tokens: int  # leading tokens the decode worker already holds: not sent
     layout_fingerprint: str
+    lease_address: str = (
+        ""  # the decode worker's gRPC address: the prefill worker renews the reservation there
+    )
+    lease_s: float = 0.0  # the reservation lapses this long after the last renewal (0: no lease)
 
     def address(self, index: int) -> int:
         """Address of the index-th prompt block on the decode worker."""

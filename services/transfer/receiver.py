@@ -1,32 +1,41 @@
-"""Decode side of KV transfer: the KV pool is registered once; a reservation becomes a destination."""
+"""Decode side of KV transfer: the KV pool is registered once with every transport; a reservation becomes a
+destination."""
 
 from __future__ import annotations
 
-from services.engine.engine import Reservation
-from services.engine.kv_cache import KVCache
+import torch
+
 from services.transfer.checksum import kv_checksum
 from services.transfer.destination import KvDestination
-from services.transfer.mooncake_engine import MooncakeEngine
+from services.transfer.mooncake_engine import MooncakeEngines
 
 
 class KvReceiver:
-    def __init__(self, engine: MooncakeEngine, kv_cache: KVCache, fingerprint: str) -> None:
-        self.engine = engine
-        self.kv_cache = kv_cache
+    def __init__(
+        self, engines: MooncakeEngines, kv: torch.Tensor, block_nbytes: int, block_size: int, fingerprint: str
+    ) -> None:
+        self.engines = engines
+        self.kv = kv
+        self.block_nbytes = block_nbytes
+        self.block_size = block_size
         self.fingerprint = fingerprint
-        engine.register(kv_cache.kv)
+        engines.register(kv)
 
-    def destination(self, reservation: Reservation) -> KvDestination:
+    def destination(
+        self, block_ids: list[int], num_cached_tokens: int, lease_address: str, lease_s: float
+    ) -> KvDestination:
         return KvDestination(
-            session_id=self.engine.session_id,
-            base_address=self.kv_cache.kv.data_ptr(),
-            block_nbytes=self.kv_cache.layout.block_nbytes,
-            block_ids=tuple(reservation.block_ids),
-            num_cached_tokens=reservation.num_cached_tokens,
+            endpoints=self.engines.endpoints,
+            host_id=self.engines.host_id,
+            base_address=self.kv.data_ptr(),
+            block_nbytes=self.block_nbytes,
+            block_ids=tuple(block_ids),
+            num_cached_tokens=num_cached_tokens,
             layout_fingerprint=self.fingerprint,
+            lease_address=lease_address,
+            lease_s=lease_s,
         )
 
-    def checksum(self, reservation: Reservation) -> int:
+    def checksum(self, block_ids: list[int], num_cached_tokens: int) -> int:
         """Checksum of the blocks a prefill worker wrote (the uncached ones), to compare with the sender's."""
-        skip = reservation.num_cached_tokens // self.kv_cache.layout.block_size
-        return kv_checksum(self.kv_cache.kv, list(reservation.block_ids[skip:]))
+        return kv_checksum(self.kv, block_ids[num_cached_tokens // self.block_size :])

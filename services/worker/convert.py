@@ -8,6 +8,7 @@ from services.engine.engine import RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import TokenLogprob
 from services.transfer.destination import KvDestination
+from services.transfer.endpoints import KvEndpoint
 
 
 def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
@@ -52,25 +53,35 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def endpoints_to_proto(endpoints: tuple[KvEndpoint, ...]) -> list[pb.KvEndpoint]:
+    return [pb.KvEndpoint(protocol=e.protocol, session_id=e.session_id) for e in endpoints]
+
+
 def destination_to_proto(d: KvDestination) -> pb.KvDestination:
     return pb.KvDestination(
-        session_id=d.session_id,
+        endpoints=endpoints_to_proto(d.endpoints),
+        host_id=d.host_id,
         base_address=d.base_address,
         block_nbytes=d.block_nbytes,
         block_ids=list(d.block_ids),
         num_cached_tokens=d.num_cached_tokens,
         layout_fingerprint=d.layout_fingerprint,
+        lease_address=d.lease_address,
+        lease_s=d.lease_s,
     )
 
 
 def destination_from_proto(msg: pb.KvDestination) -> KvDestination:
     return KvDestination(
-        session_id=msg.session_id,
+        endpoints=tuple(KvEndpoint(e.protocol, e.session_id) for e in msg.endpoints),
+        host_id=msg.host_id,
         base_address=msg.base_address,
         block_nbytes=msg.block_nbytes,
         block_ids=tuple(msg.block_ids),
         num_cached_tokens=msg.num_cached_tokens,
         layout_fingerprint=msg.layout_fingerprint,
+        lease_address=msg.lease_address,
+        lease_s=msg.lease_s,
     )
 
 

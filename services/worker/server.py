@@ -18,6 +18,7 @@ from services.engine.async_engine import AsyncEngine
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.parallel.state import ParallelConfig
+from services.transfer.endpoints import PROTOCOLS
 
 log = logging.getLogger("pdmesh.worker")
 GRPC_OPTIONS = [
@@ -30,13 +31,26 @@ GRPC_OPTIONS = [
 
 @dataclass(frozen=True)
 class TransferOptions:
-    protocol: str = "tcp"
+    protocol: str = "auto"
     device: str = ""
-    host: str = ""  # address peers reach this worker's Mooncake engine at; default: the gRPC host
-    timeout_s: float = 30.0
+    host: str = ""  # address peers reach this worker at (Mooncake, lease renewals); default: the gRPC host
+    timeout_s: float = 30.0  # each KV write's, and each wait for a staging slot
     staging_slots: int = 4
-    reservation_timeout_s: float = 60.0
+    lease_s: float = 10.0
     quarantine_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= 0:
+            raise SystemExit(f"--reservation-lease must be positive (got {self.lease_s:g})")
+        # NOTE: a write that started just before a lease lapsed may run for a write timeout (Mooncake's floor is
+        # 5 s); blocks of a lapsed reservation stay quarantined, and only a quarantine at least that long is safe
+        if self.quarantine_s < max(5.0, self.timeout_s):
+            log.warning(
+                "--quarantine %.1fs is shorter than a KV write may take (%.1fs): a late write could land in reused "
+                "blocks; raise --quarantine",
+                self.quarantine_s,
+                max(5.0, self.timeout_s),
+            )
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +74,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--load-format",
+        default="safetensors",
+        choices=["safetensors", "dummy"],
+        help="dummy: random weights, no checkpoint read (benchmarks; config.json and tokenizer still needed)",
+    )
     par = parser.add_argument_group("parallelism (colocated workers; one GPU per rank, all on this host)")
     par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
     par.add_argument(
@@ -76,17 +96,24 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     par.add_argument("--tbo", action="store_true", help="two-batch overlap (kept only where it is faster)")
     parser.add_argument(
-        "--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport"
+        "--transfer-protocol",
+        default="auto",
+        choices=["auto", *PROTOCOLS],
+        help="Mooncake transport for KV (auto: nvlink_intra between GPU workers of one host, rdma where "
+        "--transfer-device names a NIC, tcp otherwise; chosen per prefill/decode pair)",
     )
     parser.add_argument("--transfer-device", default="", help="RDMA NIC for the rdma protocol, e.g. mlx5_0")
     parser.add_argument(
         "--transfer-host", default="", help="address peers use for KV transfer (default: --host)"
     )
     parser.add_argument(
-        "--transfer-timeout", type=float, default=30.0, help="seconds a request's KV push may take"
+        "--transfer-timeout", type=float, default=30.0, help="seconds one KV write may take (at least 5)"
     )
     parser.add_argument(
-        "--reservation-timeout", type=float, default=60.0, help="decode: seconds a reservation lives"
+        "--reservation-lease",
+        type=float,
+        default=10.0,
+        help="decode: seconds a reservation is held without a renewal from the prefill worker",
     )
     parser.add_argument(
         "--quarantine", type=float, default=30.0, help="decode: seconds unconfirmed blocks wait"
@@ -108,6 +135,7 @@ def engine_config(args: argparse.Namespace, role: str, model: str) -> EngineConf
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        load_format=args.load_format,
         parallel=ParallelConfig(args.tp, args.dp, args.ep),
         ep_dispatch=args.ep_dispatch,
         tbo=args.tbo,
@@ -120,7 +148,7 @@ def transfer_options(args: argparse.Namespace) -> TransferOptions:
         device=args.transfer_device,
         host=args.transfer_host or args.host,
         timeout_s=args.transfer_timeout,
-        reservation_timeout_s=args.reservation_timeout,
+        lease_s=args.reservation_lease,
         quarantine_s=args.quarantine,
     )
 
@@ -143,21 +171,34 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
     else:
         engine = Engine(config)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    session, transferred = "", (lambda: 0)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+    public_host = _routable(transfer.host)
+    endpoints, host_id, transferred = (), "", (lambda: 0)
     if role in ("prefill", "decode"):
-        from services.transfer.mooncake_engine import MooncakeEngine
+        from services.transfer.endpoints import protocols_for
+        from services.transfer.mooncake_engine import MooncakeEngines
 
-        mooncake = MooncakeEngine(_routable(transfer.host), transfer.protocol, transfer.device)
-        session = mooncake.session_id
+        kv = engine.kv_cache.kv
+        try:
+            protocols = protocols_for(transfer.protocol, kv.is_cuda, transfer.device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        mooncake = MooncakeEngines(
+            public_host, protocols, transfer.device, transfer.timeout_s, required=transfer.protocol != "auto"
+        )
+        endpoints, host_id = mooncake.endpoints, mooncake.host_id
         cleanup.append(mooncake.close)
     if role == "prefill":
         from services.prefill.service import PrefillService
         from services.transfer.sender import KvSender
         from services.transfer.staging import StagingBuffer
 
+        layout = engine.kv_cache.layout
         slot_blocks = -(-config.max_num_batched_tokens // config.block_size) + 1
-        staging = StagingBuffer(engine.kv_cache, transfer.staging_slots, slot_blocks)
-        sender = KvSender(mooncake, engine.kv_cache, staging, transfer.timeout_s)
+        staging = StagingBuffer(kv, layout.block_nbytes, transfer.staging_slots, slot_blocks)
+        sender = KvSender(mooncake, kv, config.block_size, layout.block_nbytes, staging, transfer.timeout_s)
         cleanup.insert(0, sender.stop)
         aengine = AsyncEngine(engine)
         prefill = PrefillService(aengine, sender)
@@ -168,25 +209,27 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
         from services.decode.service import DecodeService
         from services.transfer.receiver import KvReceiver
 
-        receiver = KvReceiver(mooncake, engine.kv_cache, engine.layout_fingerprint)
+        layout = engine.kv_cache.layout
+        receiver = KvReceiver(mooncake, kv, layout.block_nbytes, config.block_size, engine.layout_fingerprint)
         aengine = AsyncEngine(engine)
-        decode = DecodeService(aengine, receiver, transfer.reservation_timeout_s, transfer.quarantine_s)
+        decode = DecodeService(
+            aengine, receiver, f"{public_host}:{bound}", transfer.lease_s, transfer.quarantine_s
+        )
         pb_grpc.add_DecodeServicer_to_server(decode, server)
     else:
         from services.colocated.service import ColocatedService
 
         aengine = AsyncEngine(engine)
         pb_grpc.add_ColocatedServicer_to_server(ColocatedService(aengine), server)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(engine, session, transferred), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(engine, endpoints, host_id, transferred), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     aengine.start()
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    suffix = f" (KV transfer {session})" if session else ""
+    suffix = (
+        f" (KV transfer {', '.join(f'{e.protocol} {e.session_id}' for e in endpoints)})" if endpoints else ""
+    )
     print(f"pdmesh {role} worker listening on {host}:{bound}{suffix}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,6 +12,8 @@ from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
 from services.engine.engine import Engine
+from services.transfer.endpoints import KvEndpoint
+from services.worker.convert import endpoints_to_proto
 
 MIN_WATCH_INTERVAL_S = 0.05
 
@@ -22,10 +24,15 @@ def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
 
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(
-        self, engine: Engine, transfer_session: str = "", transferred: Callable[[], int] = lambda: 0
+        self,
+        engine: Engine,
+        endpoints: tuple[KvEndpoint, ...] = (),
+        host_id: str = "",
+        transferred: Callable[[], int] = lambda: 0,
     ) -> None:
         self.engine = engine
-        self.transfer_session = transfer_session
+        self.endpoints = endpoints
+        self.host_id = host_id
         self.transferred = transferred
 
     def info(self) -> pb.WorkerInfo:
@@ -37,7 +44,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             num_blocks=e.runtime.num_blocks,
             block_size=e.config.block_size,
             max_model_len=e.runtime.max_model_len,
-            transfer_session=self.transfer_session,
+            transfer_endpoints=endpoints_to_proto(self.endpoints),
+            host_id=self.host_id,
             vocab_size=e.model_config.vocab_size,
         )
 

@@ -73,24 +73,26 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "role", "layout_fingerprint", "num_blocks", "block_size", "max_model_len", "transfer_session", "vocab_size")
+    __slots__ = ("model", "role", "layout_fingerprint", "num_blocks", "block_size", "max_model_len", "vocab_size", "transfer_endpoints", "host_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_SESSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     role: str
     layout_fingerprint: str
     num_blocks: int
     block_size: int
     max_model_len: int
-    transfer_session: str
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., layout_fingerprint: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., transfer_session: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    transfer_endpoints: _containers.RepeatedCompositeFieldContainer[KvEndpoint]
+    host_id: str
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., layout_fingerprint: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., transfer_endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
@@ -124,21 +126,35 @@ class WatchLoadRequest(_message.Message):
     interval_s: float
     def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
 
-class KvDestination(_message.Message):
-    __slots__ = ("session_id", "base_address", "block_nbytes", "block_ids", "num_cached_tokens", "layout_fingerprint")
+class KvEndpoint(_message.Message):
+    __slots__ = ("protocol", "session_id")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    session_id: str
+    def __init__(self, protocol: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class KvDestination(_message.Message):
+    __slots__ = ("base_address", "block_nbytes", "block_ids", "num_cached_tokens", "layout_fingerprint", "endpoints", "host_id", "lease_address", "lease_s")
     BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
     base_address: int
     block_nbytes: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     num_cached_tokens: int
     layout_fingerprint: str
-    def __init__(self, session_id: _Optional[str] = ..., base_address: _Optional[int] = ..., block_nbytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ...) -> None: ...
+    endpoints: _containers.RepeatedCompositeFieldContainer[KvEndpoint]
+    host_id: str
+    lease_address: str
+    lease_s: float
+    def __init__(self, base_address: _Optional[int] = ..., block_nbytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., host_id: _Optional[str] = ..., lease_address: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling")
@@ -205,6 +221,18 @@ class ReleaseResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("request_ids",)
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("held",)
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination", "kv_checksum")

@@ -197,6 +197,11 @@ class DecodeStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReserveResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdmesh.v1.Decode/Renew',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.RenewRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/pdmesh.v1.Decode/Generate',
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
@@ -213,6 +218,12 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,6 +248,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReserveRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.RenewRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.RenewResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -276,6 +292,33 @@ class Decode:
             '/pdmesh.v1.Decode/Reserve',
             pdmesh_dot_v1_dot_worker__pb2.ReserveRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Decode/Renew',
+            pdmesh_dot_v1_dot_worker__pb2.RenewRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
