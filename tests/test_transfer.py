@@ -144,3 +144,26 @@ def test_reservation_expires_and_unknown_generate_is_refused(decode_worker: Proc
     with pytest.raises(grpc.RpcError) as e:
         list(decode.Generate(pb.GenerateRequest(request_id="b", first_token=1)))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_transport_is_chosen_per_pair() -> None:
+    from services.transfer.endpoints import choose, host_id, protocols_for
+
+    here = host_id()
+    gpu_decode = [KvEndpoint("nvlink_intra", "a:1"), KvEndpoint("rdma", "a:2"), KvEndpoint("tcp", "a:3")]
+    gpu_prefill = protocols_for("auto", on_gpu=True, nic="mlx5_0")
+    assert gpu_prefill == ["nvlink_intra", "rdma", "tcp"]
+    assert choose(gpu_prefill, here, gpu_decode, here).protocol == "nvlink_intra"  # same host: CUDA IPC
+    assert choose(gpu_prefill, here, gpu_decode, "another-host").protocol == "rdma"  # across hosts: the NIC
+    no_nic = protocols_for("auto", on_gpu=True, nic="")
+    assert choose(no_nic, here, gpu_decode, "another-host").protocol == "tcp"
+    cpu_decode = [KvEndpoint("tcp", "b:1")]
+    assert protocols_for("auto", on_gpu=False, nic="") == ["tcp"]
+    assert choose(gpu_prefill, here, cpu_decode, here) == cpu_decode[0]  # a mixed fleet: each pair its own
+    with pytest.raises(ValueError, match=r"no KV transport in common.*nvlink_intra"):
+        choose(["nvlink_intra"], here, gpu_decode, "another-host")
+    with pytest.raises(ValueError, match="--device cuda"):
+        protocols_for("nvlink_intra", on_gpu=False, nic="")
+    with pytest.raises(ValueError, match="unknown transfer protocol 'udp'"):
+        protocols_for("udp", on_gpu=False, nic="")
+    assert "/" in here and here == host_id()  # stable within a host

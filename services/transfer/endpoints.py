@@ -8,6 +8,7 @@ workers on the same host, `rdma` where both have a NIC configured, `tcp` everywh
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,15 @@ class KvEndpoint:
 
 
 def host_id() -> str:
-    """This host's identity: its name and boot id (two containers sharing a host name on different hosts differ;
-    processes of one host, in one container or in several that share the host's boot id, agree)."""
+    """Who can reach this process's GPU memory through CUDA IPC: processes of the same kernel (boot id) in the same
+    IPC namespace. Containers of one pod, or with the host's IPC namespace, share it; separate pods or hosts do
+    not, and their pairs fall back to rdma or tcp."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        ipc = os.readlink("/proc/self/ns/ipc")
+    except OSError:  # no /proc: the host name is the best guess
+        return socket.gethostname()
+    return f"{boot}/{ipc}"
 
 
 def protocols_for(requested: str, on_gpu: bool, nic: str) -> list[str]:
