@@ -167,3 +167,14 @@ def test_the_transport_is_chosen_per_pair() -> None:
     with pytest.raises(ValueError, match="unknown transfer protocol 'udp'"):
         protocols_for("udp", on_gpu=False, nic="")
     assert "/" in here and here == host_id()  # stable within a host
+
+
+def test_tombstones_forget_after_their_time() -> None:
+    from services.worker.tombstones import Tombstones
+
+    t = Tombstones(keep_s=0.2)
+    t.add("a")
+    assert "a" in t and "b" not in t
+    time.sleep(0.3)
+    t.add("b")  # adding sweeps out what is older than keep_s
+    assert "a" not in t and "b" in t

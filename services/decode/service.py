@@ -31,9 +31,9 @@ from services.worker.convert import (
     logprob_from_proto,
     sampling_from_proto,
 )
+from services.worker.tombstones import Tombstones
 
 log = logging.getLogger("pdmesh.decode")
-TOMBSTONE_S = 300.0  # how long a released request id stays refused
 
 
 @dataclass
@@ -54,7 +54,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.quarantine_s = quarantine_s
         self.reserved: dict[str, Held] = {}
         self.quarantined = 0  # requests whose blocks wait out a possible late write
-        self._released: dict[str, float] = {}  # request id -> when it was released before it was reserved
+        self._released = Tombstones()  # ids released before they were reserved
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -157,7 +157,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         if entry is None:  # decoding, done, or not reserved yet
             released = await self.aengine.call(self.engine.abort, rid)
             if not released:
-                self._tombstone(rid)
+                self._released.add(rid)
             return pb.ReleaseResponse(released=released)
         if request.writer_done:
             await self._release_reserved(rid, writer_done=True)
@@ -170,13 +170,6 @@ class DecodeService(pb_grpc.DecodeServicer):
         """The Reserve call was cancelled after the blocks were held: nobody got the destination."""
         if self.reserved.pop(rid, None) is not None:
             self._spawn(self._release_reserved(rid, writer_done=True))
-
-    def _tombstone(self, rid: str) -> None:
-        now = time.monotonic()
-        self._released[rid] = now
-        for old, when in list(self._released.items()):
-            if now - when > TOMBSTONE_S:
-                del self._released[old]
 
     async def _undo(self, call: Awaitable[Reservation | None], rid: str) -> None:
         try:

@@ -26,9 +26,9 @@ from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import TransferError
 from services.transfer.sender import KvSender, RequestTransfer
 from services.worker.convert import destination_from_proto, logprob_to_proto, sampling_from_proto
+from services.worker.tombstones import Tombstones
 
 log = logging.getLogger("pdmesh.prefill")
-TOMBSTONE_S = 300.0  # how long an aborted request id stays refused
 WAIT_LIMIT_S = 3600.0
 
 
@@ -39,7 +39,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.sender = sender
         self.leases = LeaseKeeper(sender, lambda: aengine.last_step_at)
         self.block_size = self.engine.config.block_size
-        self._aborted: dict[str, float] = {}  # request id -> when; an Abort may overtake its Prefill
+        self._aborted = Tombstones()
 
     # ---- engine thread -----------------------------------------------------------------------------------
     def _start(
@@ -190,11 +190,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         return t
 
     def _tombstone(self, request_id: str) -> None:
-        now = time.monotonic()
-        self._aborted[request_id] = now
-        for rid, when in list(self._aborted.items()):
-            if now - when > TOMBSTONE_S:
-                del self._aborted[rid]
+        self._aborted.add(request_id)
         self.engine.abort(request_id)
 
     async def _abort(self, request_id: str) -> bool:

@@ -205,8 +205,9 @@ class KvSender:
         if t is None:
             return
         with self._lock:
-            t.error = t.error or why
-            t.maybe_done()
+            if not t.done.is_set():  # a transfer that completed stays completed
+                t.error = t.error or why
+                t.maybe_done()
 
     def wait(self, request_id: str, timeout: float) -> RequestTransfer:
         """Block until the request's KV has fully landed; raises TransferError / TimeoutError."""
