@@ -75,3 +75,31 @@ def test_pd_on_gpu_matches_transformers(gpu_pd: Cluster, llama_checkpoint: Path)
     log = prefill.log.read_text()
     chosen = "nvlink_intra" if "auto" in str(gpu_pd.log_dir) else "tcp"
     assert f"go over {chosen}" in log, log[-2000:]
+
+
+def test_a_mixed_fleet_uses_the_best_transport_per_pair(llama_checkpoint: Path, tmp_path: Path) -> None:
+    """One GPU prefill worker, a GPU decode worker (CUDA IPC applies) and a CPU decode worker (only TCP does): the
+    router alternates between them and each pair moves KV over its own transport, checksums on."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.cluster import Cluster
+    from tests.test_models_vs_transformers import hf_generate
+
+    common = ("--dtype", "float32", "--max-num-batched-tokens", "32")
+    cluster = Cluster(llama_checkpoint, tmp_path)
+    try:
+        cluster.worker("prefill", "--device", "cuda", *common)
+        cluster.worker("decode", "--device", "cuda", *common)
+        cluster.worker("decode", "--device", "cpu", *common)
+        cluster.router("--kv-checksum")
+        cluster.wait_ready()
+        hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+        for prompt in random_prompts(12, [9, 70, 130, 40]):
+            tokens, _, _ = stream_completion(cluster.url, llama_checkpoint.name, prompt, 16)
+            assert tokens == hf_generate(hf, prompt, 16)[0]
+        log = cluster.of_role("prefill")[0].log.read_text()
+        assert "go over nvlink_intra" in log and "go over tcp" in log, log[-2000:]
+        for proc in cluster.of_role("decode"):
+            assert load(proc.address).used_blocks == 0
+    finally:
+        cluster.stop()
