@@ -8,6 +8,7 @@ reservation would still be held long after the 2 s these tests allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -64,6 +65,9 @@ def test_a_reserve_whose_caller_is_gone_holds_nothing(pd: Cluster) -> None:
     stub = pb_grpc.DecodeStub(grpc.insecure_channel(decode.address))
     rng = random.Random(3)
     gave_up = 0
+    busy = keep_decoding(
+        stub, 48
+    )  # the engine thread is stepping: a Reserve waits for it while its caller leaves
     for i, prompt in enumerate(random_prompts(5, [rng.randrange(100, 600) for _ in range(60)])):
         rid = f"gone-{i}"
         call = stub.Reserve.future(
@@ -75,6 +79,8 @@ def test_a_reserve_whose_caller_is_gone_holds_nothing(pd: Cluster) -> None:
             gave_up += 1
         stub.Release(pb.ReleaseRequest(request_id=rid, writer_done=True))
     assert gave_up >= 5, f"only {gave_up} of 60 calls were given up: the test exercised little"
+    for rid in busy:
+        stub.Release(pb.ReleaseRequest(request_id=rid, writer_done=True))
     no_blocks_within(pd, 2, "reservations of callers that left to be undone")
     # the same with the worker stalled: every call reaches it after its caller gave up, Release after Reserve
     os.kill(decode.popen.pid, signal.SIGSTOP)
@@ -98,6 +104,23 @@ def test_a_reserve_whose_caller_is_gone_holds_nothing(pd: Cluster) -> None:
         release.result()
     no_blocks_within(pd, 2, "late reservations of callers that left to be undone")
     assert load(decode.address).parked == 0
+
+
+def keep_decoding(stub: pb_grpc.DecodeStub, n: int) -> list[str]:
+    """n long generations on the decode worker (reserved, admitted, streamed into the void); returns their ids."""
+    rids = [f"busy-{i}" for i in range(n)]
+    params = pb.SamplingParams(max_tokens=1800, temperature=0, top_p=1, ignore_eos=True)
+    for rid, prompt in zip(rids, random_prompts(8, [100] * n), strict=True):
+        stub.Reserve(pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=params))
+        stream = stub.Generate(pb.GenerateRequest(request_id=rid, first_token=5))
+        threading.Thread(target=drain, args=(stream,), daemon=True).start()
+    return rids
+
+
+def drain(stream: Iterator[pb.TokenChunk]) -> None:
+    with contextlib.suppress(grpc.RpcError):  # ended by a Release
+        for _ in stream:
+            pass
 
 
 def test_clients_leaving_at_random_moments_free_every_block_within_2s(
