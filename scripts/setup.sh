@@ -29,8 +29,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   say "installing torch==2.13.0"
   "${pip[@]}" torch==2.13.0
 fi
-say "installing pdmesh with its test extras"
-"${pip[@]}" -e ".[test]"
+say "installing pdmesh with its worker and test extras"
+"${pip[@]}" -e ".[worker,test]"
 
 cuda=$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
 case "$cuda" in

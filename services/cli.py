@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from services.engine.errors import CheckpointError, RequestError
+from services.common.errors import CheckpointError, RequestError
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -66,10 +66,17 @@ def _worker(role: str) -> Callable[[argparse.Namespace], None]:
 
 
 def _router(args: argparse.Namespace) -> None:
-    from services.engine.tiny_model import default_model_dir
     from services.router.server import router_config, run_router
 
-    config = router_config(args, args.model or str(default_model_dir()))
+    if (
+        args.model
+    ):  # NOTE: the router imports nothing of the engine (no torch) unless it must build the tiny model
+        model = args.model
+    else:
+        from services.engine.tiny_model import default_model_dir
+
+        model = str(default_model_dir())
+    config = router_config(args, model)
     run_router(config, args.host, args.port, args.log_level.lower())
 
 
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from services.router.server import add_router_arguments
     from services.up import add_up_arguments
-    from services.worker.server import add_worker_arguments
+    from services.worker.options import add_worker_arguments
 
     up = sub.add_parser(
         "up", help="start a local cluster: a router and prefill + decode (or colocated) workers"

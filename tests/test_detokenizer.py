@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from services.common.tokenizer import Tokenizer
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.tokenizer import Tokenizer
 
 
 def test_incremental_equals_full_decode(tiny_model: Path) -> None:

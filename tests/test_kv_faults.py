@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from services.common.sampling_params import SamplingParams
 from services.engine.llm import LLM
-from services.engine.sampling_params import SamplingParams
 from tests.cluster import Cluster, load, random_prompts, wait_until
 
 REQUESTS = 64

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.engine.tokenizer import Tokenizer
+from services.common.tokenizer import Tokenizer
 from tests.cluster import Cluster, load, random_prompts, start_cluster, stream_completion, wait_until
 from tests.test_models_vs_transformers import hf_generate
 
@@ -253,6 +253,11 @@ def test_client_disconnect_frees_blocks_on_both_workers(pd: Cluster, llama_check
         ({"model": "M", "prompt": "hi", "temperature": 9}, 400, "temperature"),
         ({"model": "M", "prompt": "hi", "n": 3}, 400, "n=1"),
         ({"prompt": "hi"}, 400, "model"),
+        # values wider than the gRPC contract's fields: refused, not a 500
+        ({"model": "M", "prompt": "hi", "seed": 2**70}, 400, "seed"),
+        ({"model": "M", "prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
+        ({"model": "M", "prompt": "hi", "top_k": 2**40}, 400, "top_k"),
+        ({"model": "M", "prompt": "hi", "max_tokens": 2**40}, 400, "max_tokens"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(

@@ -17,10 +17,11 @@ import httpx
 import pytest
 import torch
 
+from services.common.logprob import TokenLogprob
+from services.common.tokenizer import Tokenizer
 from services.engine import LLM, Engine, EngineConfig, SamplingParams
 from services.engine.sampler import Sampler, SamplingBatch, skip_sampled_step
-from services.engine.sequence import Sequence, TokenLogprob
-from services.engine.tokenizer import Tokenizer
+from services.engine.sequence import Sequence
 from tests.cluster import Cluster, random_prompts, start_cluster
 
 MAX_TOKENS = 12

@@ -9,9 +9,10 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.convert import sampling_from_proto
+from services.common.errors import RequestError
 from services.engine.async_engine import AsyncEngine, EngineFailure
-from services.engine.errors import RequestError
-from services.worker.convert import chunk_from_output, sampling_from_proto
+from services.worker.convert import chunk_from_output
 
 
 class ColocatedService(pb_grpc.ColocatedServicer):

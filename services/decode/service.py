@@ -21,16 +21,12 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.convert import logprob_from_proto, sampling_from_proto
+from services.common.errors import RequestError
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.engine import Reservation
-from services.engine.errors import RequestError
 from services.transfer.receiver import KvReceiver
-from services.worker.convert import (
-    chunk_from_output,
-    destination_to_proto,
-    logprob_from_proto,
-    sampling_from_proto,
-)
+from services.worker.convert import chunk_from_output, destination_to_proto
 from services.worker.tombstones import Tombstones
 
 log = logging.getLogger("pdmesh.decode")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from services.common.errors import CheckpointError, RequestError
+from services.common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine, RequestOutput, Reservation
-from services.engine.errors import CheckpointError, RequestError
 from services.engine.llm import LLM, Completion
-from services.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

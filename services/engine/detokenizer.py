@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-from services.engine.tokenizer import Tokenizer
+from services.common.tokenizer import Tokenizer
 
 PROMPT_CONTEXT_TOKENS = 5
 

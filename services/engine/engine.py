@@ -12,12 +12,15 @@ from dataclasses import astuple, dataclass, field, replace
 import torch
 import torch.distributed as dist
 
+from services.common.errors import RequestError
+from services.common.logprob import TokenLogprob
+from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import Tokenizer
 from services.engine.attention import make_backend, resolve_backend
 from services.engine.block_manager import BlockAllocator
 from services.engine.config import EngineConfig, EngineRuntime
 from services.engine.cuda_graphs import default_sizes
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.errors import RequestError
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_config import ModelConfig
 from services.engine.models import load_model
@@ -25,12 +28,10 @@ from services.engine.models.moe import Experts
 from services.engine.parallel.state import init_parallel
 from services.engine.runner import InFlight, ModelRunner
 from services.engine.sampler import skip_sampled_step
-from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Batch, ScheduledSeq, Scheduler
-from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence, TokenLogprob
+from services.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 from services.engine.tbo import TBOConfig
 from services.engine.tbo_calibration import calibrate
-from services.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("pdmesh.engine")
 CPU_KV_CACHE_GB = 1.0

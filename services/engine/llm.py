@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from services.common.logprob import TokenLogprob
+from services.common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
-from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import TokenLogprob
 
 Prompt = str | list[int]
 

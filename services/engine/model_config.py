@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.engine.errors import CheckpointError
+from services.common.errors import CheckpointError
 
 # architecture name in config.json -> model family implemented in services/engine/models/
 SUPPORTED_ARCHITECTURES = {

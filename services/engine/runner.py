@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common.logprob import TokenLogprob
 from services.engine.attention import AttentionBackend, AttentionMetadata, BoundAttention
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.parallel.comm import Stage, run
 from services.engine.parallel.state import ParallelState
 from services.engine.sampler import Sampler, SamplingBatch
 from services.engine.scheduler import Batch
-from services.engine.sequence import PLACEHOLDER, Sequence, TokenLogprob
+from services.engine.sequence import PLACEHOLDER, Sequence
 from services.engine.tbo import StepPlan, TBOConfig, interleave, plan_step, split_inputs
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.sampling_params import SamplingParams
+from services.common.logprob import TokenLogprob
+from services.common.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped decode); replaced once the host has it
 
@@ -19,13 +20,6 @@ class SeqStatus(enum.Enum):
     RUNNING = "running"
     HELD = "held"  # prefill role: done, KV kept until released (it is being sent)
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the n most likely (token id, logprob), best first
 
 
 @dataclass(eq=False)  # identity, not field equality: sequences live in lists and sets

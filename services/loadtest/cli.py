@@ -90,8 +90,8 @@ def _probe(url: str, api_key: str | None) -> tuple[list[str], bool]:
 
 
 def _tokenizer(args: argparse.Namespace, model: str):  # type: ignore[no-untyped-def]
-    from services.engine.errors import CheckpointError
-    from services.engine.tokenizer import Tokenizer
+    from services.common.errors import CheckpointError
+    from services.common.tokenizer import Tokenizer
 
     path = args.tokenizer
     if path is None and model == "tiny-llama":

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.engine.tokenizer import Tokenizer
+from services.common.tokenizer import Tokenizer
 
 WORKLOADS = ("random", "sharegpt", "shared-prefix", "multi-turn")
 

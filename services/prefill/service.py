@@ -18,14 +18,15 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.convert import logprob_to_proto, sampling_from_proto
+from services.common.errors import RequestError
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.engine import RequestOutput
-from services.engine.errors import RequestError
 from services.prefill.lease import LeaseKeeper, LeaseLapsed
 from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import TransferError
 from services.transfer.sender import KvSender, RequestTransfer
-from services.worker.convert import destination_from_proto, logprob_to_proto, sampling_from_proto
+from services.worker.convert import destination_from_proto
 from services.worker.tombstones import Tombstones
 
 log = logging.getLogger("pdmesh.prefill")

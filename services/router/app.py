@@ -19,9 +19,9 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.engine.errors import RequestError
-from services.engine.sampling_params import SamplingParams
-from services.engine.tokenizer import Tokenizer
+from services.common.errors import RequestError
+from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import Tokenizer
 from services.router import responses as R
 from services.router.errors import APIError
 from services.router.metrics import RouterMetrics

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.engine.errors import RequestError
-from services.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from services.common.errors import RequestError
+from services.common.sampling_params import MAX_LOGPROBS, SamplingParams
 from services.router.errors import APIError
 
 

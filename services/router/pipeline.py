@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import grpc
 from pdmesh.v1 import worker_pb2 as pb
 
-from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import TokenLogprob
+from services.common.convert import logprob_from_proto, sampling_to_proto
+from services.common.logprob import TokenLogprob
+from services.common.sampling_params import SamplingParams
 from services.router.errors import APIError, from_grpc
 from services.router.workers import Worker, WorkerPool
-from services.worker.convert import logprob_from_proto, sampling_to_proto
 
 log = logging.getLogger("pdmesh.router")
 

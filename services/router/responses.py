@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.engine.sequence import TokenLogprob
-from services.engine.tokenizer import Tokenizer
+from services.common.logprob import TokenLogprob
+from services.common.tokenizer import Tokenizer
 from services.router.pipeline import Timings
 
 

@@ -16,8 +16,8 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.grpc_options import GRPC_OPTIONS
 from services.router.errors import APIError
-from services.worker.server import GRPC_OPTIONS
 
 log = logging.getLogger("pdmesh.router")
 ROLES = ("prefill", "decode", "colocated")

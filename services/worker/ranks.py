@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from services.common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine, LoadCounts, RequestOutput
 from services.engine.parallel.comm import gather_into
-from services.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("pdmesh.worker")
 HEARTBEAT_S = 30.0  # idle followers hear from rank 0 at least this often (well inside gloo's timeout)

@@ -14,19 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.grpc_options import GRPC_OPTIONS
 from services.engine.async_engine import AsyncEngine
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.parallel.state import ParallelConfig
-from services.transfer.endpoints import PROTOCOLS
 
 log = logging.getLogger("pdmesh.worker")
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 
 
 @dataclass(frozen=True)
@@ -51,73 +45,6 @@ class TransferOptions:
                 self.quarantine_s,
                 max(5.0, self.timeout_s),
             )
-
-
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=0, help="gRPC port (default: a free one, printed at start)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
-    parser.add_argument("--kv-cache-memory-gb", type=float)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget per step (chunk size)"
-    )
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--load-format",
-        default="safetensors",
-        choices=["safetensors", "dummy"],
-        help="dummy: random weights, no checkpoint read (benchmarks; config.json and tokenizer still needed)",
-    )
-    par = parser.add_argument_group("parallelism (colocated workers; one GPU per rank, all on this host)")
-    par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
-    par.add_argument(
-        "--dp", type=int, default=1, help="data-parallel attention replicas (default 1); ranks = tp x dp"
-    )
-    par.add_argument(
-        "--ep", type=int, default=1, help="expert-parallel ranks for MoE models: 1 (default) or tp x dp"
-    )
-    par.add_argument(
-        "--ep-dispatch",
-        default="auto",
-        choices=["auto", "all_to_all", "all_gather", "mori"],
-        help="how tokens reach their experts with --dp > 1 (default: all_gather on GPUs)",
-    )
-    par.add_argument("--tbo", action="store_true", help="two-batch overlap (kept only where it is faster)")
-    parser.add_argument(
-        "--transfer-protocol",
-        default="auto",
-        choices=["auto", *PROTOCOLS],
-        help="Mooncake transport for KV (auto: nvlink_intra between GPU workers of one host, rdma where "
-        "--transfer-device names a NIC, tcp otherwise; chosen per prefill/decode pair)",
-    )
-    parser.add_argument("--transfer-device", default="", help="RDMA NIC for the rdma protocol, e.g. mlx5_0")
-    parser.add_argument(
-        "--transfer-host", default="", help="address peers use for KV transfer (default: --host)"
-    )
-    parser.add_argument(
-        "--transfer-timeout", type=float, default=30.0, help="seconds one KV write may take (at least 5)"
-    )
-    parser.add_argument(
-        "--reservation-lease",
-        type=float,
-        default=10.0,
-        help="decode: seconds a reservation is held without a renewal from the prefill worker",
-    )
-    parser.add_argument(
-        "--quarantine", type=float, default=30.0, help="decode: seconds unconfirmed blocks wait"
-    )
 
 
 def engine_config(args: argparse.Namespace, role: str, model: str) -> EngineConfig:

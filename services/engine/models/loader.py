@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from services.engine.errors import CheckpointError
+from services.common.errors import CheckpointError
 from services.engine.model_config import ModelConfig
 from services.engine.models.deepseek import DeepseekForCausalLM
 from services.engine.models.dense import DenseForCausalLM

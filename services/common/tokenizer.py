@@ -16,7 +16,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from services.engine.errors import CheckpointError, RequestError
+from services.common.errors import CheckpointError, RequestError
 
 
 def _token_text(value: Any) -> str | None:

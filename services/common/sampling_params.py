@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.engine.errors import RequestError
+from services.common.errors import RequestError
 
 MAX_LOGPROBS = 20
+INT32_MAX = 2**31 - 1  # the gRPC contract's field widths: a larger value cannot cross to a worker
+INT64_RANGE = range(-(2**63), 2**63)
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,13 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (
+                isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT32_MAX,
+                f"max_tokens must be an integer in [1, {INT32_MAX}]",
+            ),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (
-                isinstance(self.top_k, int) and self.top_k >= -1,
+                isinstance(self.top_k, int) and -1 <= self.top_k <= INT32_MAX,
                 "top_k must be -1, 0 (off) or a positive integer",
             ),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -54,6 +59,11 @@ class SamplingParams:
                 f"logprobs must be between 0 and {MAX_LOGPROBS}",
             ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.seed is None or self.seed in INT64_RANGE, "seed must fit in a signed 64-bit integer"),
+            (
+                all(0 <= t <= INT32_MAX for t in self.stop_token_ids),
+                "stop_token_ids must be token ids (non-negative integers)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
