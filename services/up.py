@@ -1,7 +1,9 @@
 """`pdmesh up`: a whole cluster on this machine — router plus prefill and decode (or colocated) workers.
 
 Every component is its own process, as in a real deployment; their logs go to one folder. Ctrl-C or SIGTERM
-stops them all; if any of them dies, the others are stopped too and the dead one's last log lines are shown.
+stops them all. A component that dies before the cluster is ready stops everything (a configuration error shows
+its last log lines); once the cluster serves, a component that dies is restarted on its port with backoff, and the
+router picks the restarted worker up when it answers again.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after the nth death in a row
+STABLE_S = 60.0  # up this long: the next death starts the backoff over
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,34 +67,68 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    started: float
+    deaths: int = 0  # in a row, without a stable run between
+    restart_at: float | None = None  # set while it waits out its backoff
+
+
 class Cluster:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.components: list[Component] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log = self.log_dir / f"{name}.log"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(
+    def _spawn(self, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as f:
+            return subprocess.Popen(
                 [sys.executable, "-m", "services.cli", *argv],
                 stdout=f,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             )
-        self.procs.append((name, proc, log))
 
-    def dead(self) -> tuple[str, int, Path] | None:
-        for name, proc, log in self.procs:
-            if proc.poll() is not None:
-                return name, proc.returncode, log
-        return None
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.log_dir / f"{name}.log"
+        log.write_bytes(b"")
+        proc = self._spawn(argv, log, env or {})
+        self.components.append(Component(name, argv, log, env or {}, proc, time.monotonic()))
+
+    def dead(self) -> Component | None:
+        return next((c for c in self.components if c.restart_at is None and c.proc.poll() is not None), None)
+
+    def supervise(self) -> None:
+        """Restart components that died, each after its backoff (call repeatedly once the cluster is ready)."""
+        now = time.monotonic()
+        for c in self.components:
+            if c.restart_at is None and c.proc.poll() is not None:
+                c.deaths = 1 if now - c.started > STABLE_S else c.deaths + 1
+                wait = RESTART_BACKOFF_S[min(c.deaths, len(RESTART_BACKOFF_S)) - 1]
+                c.restart_at = now + wait
+                print(
+                    f"pdmesh: {c.name} exited with code {c.proc.returncode}; restarting it in {wait:.0f}s "
+                    f"(log: {c.log})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif c.restart_at is not None and now >= c.restart_at:
+                with open(c.log, "ab") as f:
+                    f.write(f"\n--- pdmesh: restarted after exit code {c.proc.returncode} ---\n".encode())
+                c.proc, c.started, c.restart_at = self._spawn(c.argv, c.log, c.env), now, None
+                print(f"pdmesh: {c.name} restarted", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
-        for _, proc, _ in self.procs:
+        procs = [c.proc for c in self.components]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for _, proc, _ in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -194,11 +233,12 @@ def run_cluster(args: argparse.Namespace) -> int:
     ready = False
     try:
         while not stop_requested:
-            dead = cluster.dead()
-            if dead:
-                name, code, log = dead
+            if ready:
+                cluster.supervise()
+            elif dead := cluster.dead():
                 print(
-                    f"pdmesh: {name} exited with code {code}; its last log lines:\n{_tail(log)}",
+                    f"pdmesh: {dead.name} exited with code {dead.proc.returncode}; its last log lines:\n"
+                    f"{_tail(dead.log)}",
                     file=sys.stderr,
                 )
                 return 1

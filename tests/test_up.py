@@ -84,3 +84,52 @@ def test_up_serves_and_stops_everything(tmp_path: Path, mode: str) -> None:
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_up_restarts_a_worker_that_dies(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PDMESH_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    argv = ["up", "--port", str(port), "--decode", "2", "--num-blocks", "512", "--device", "cpu"]
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    request = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+
+    def all_healthy() -> bool:
+        try:
+            health = httpx.get(f"{url}/health", timeout=2).json()
+        except httpx.HTTPError:
+            return False
+        return len(health["workers"]) == 3 and all(w["healthy"] for w in health["workers"])
+
+    try:
+        wait_until(lambda: "ready at" in (tmp_path / "up.log").read_text(), 120, "pdmesh up to be ready")
+        wait_until(all_healthy, 30, "every worker to be healthy")
+        workers = children(proc.pid)
+        decode = next(
+            pid
+            for pid in workers
+            if "decode" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        )
+        os.kill(decode, signal.SIGKILL)
+        # the cluster goes on serving with the other decode worker, then gets the killed one back
+        for _ in range(4):
+            r = httpx.post(f"{url}/v1/completions", json=request, timeout=30)
+            assert r.status_code == 200, r.text
+        wait_until(
+            lambda: "decode-" in (tmp_path / "up.log").read_text() and all_healthy(), 60, "the restart"
+        )
+        assert proc.poll() is None
+        output = (tmp_path / "up.log").read_text()
+        assert "restarting it in 1s" in output and "restarted" in output, output
+        assert len(children(proc.pid)) == len(workers) and decode not in children(proc.pid)
+        for _ in range(4):  # round-robin reaches the restarted worker too
+            assert httpx.post(f"{url}/v1/completions", json=request, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
