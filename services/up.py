@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.router.policies import POLICIES  # light: the router's policy names
+
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after the nth death in a row
@@ -56,6 +58,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--load-format", default="safetensors", choices=["safetensors", "dummy"], help="dummy: random weights"
+    )
+    parser.add_argument(
+        "--policy",
+        default="kv_aware",
+        choices=POLICIES,
+        help="how the router picks workers",
     )
     parser.add_argument("--api-key", help="require this API key at the router")
     parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
@@ -218,6 +226,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
             index += 1
     router_argv = ["router", "--model", model, "--host", args.host, "--port", str(args.port)]
+    router_argv += ["--policy", args.policy]
     for role, addrs in addresses.items():
         router_argv += [f"--{role}", ",".join(addrs)]
     if args.kv_checksum:

@@ -157,3 +157,42 @@ def test_prompt_larger_than_cache_is_rejected_clearly(llama_checkpoint: Path) ->
     out = llm.generate([list(range(20))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 12
     assert llm.engine.allocator.num_used == 0
+
+
+def test_kv_events_replay_to_the_prefix_cache_and_feed_an_exact_index() -> None:
+    """Replaying the allocator's events (from any point, or a snapshot) gives exactly its cached hashes; the
+    router's index built from them finds the prefix the allocator would reuse."""
+    from services.common.block_hash import prefix_hashes
+    from services.router.kv_index import KvIndex
+
+    rng = random.Random(4)
+    a = BlockAllocator(num_blocks=24, block_size=4)
+    replayed: set[int] = set()
+    seen = 0
+    prompts = [[rng.randrange(4) for _ in range(rng.randrange(5, 30))] for _ in range(60)]
+    for i, tokens in enumerate(prompts):
+        s = seq(tokens, f"r{i}")
+        if not a.allocate_prompt(s):
+            continue
+        s.num_computed_tokens = len(tokens)
+        a.register_full_blocks(s)
+        a.free_seq(s)
+        events = a.events.since(seen)
+        assert events is not None
+        for n, stored, h in events:
+            assert n == seen + 1
+            seen = n
+            (replayed.add if stored else replayed.discard)(h)
+        assert replayed == set(a.cached)
+    assert a.events.since(seen + 5) is None  # a number it never gave out: start over from a snapshot
+
+    index = KvIndex()
+    index.reset("w1", "i1", seen, a.cached)
+    index.reset("w2", "i2", 0, [])
+    for tokens in prompts[-10:]:
+        hashes = prefix_hashes(tokens, 4, len(tokens) - 1)
+        expect = len(a.match_prefix(tokens, len(tokens) - 1))
+        assert index.matched_blocks(hashes).get("w1", 0) == expect
+        assert "w2" not in index.matched_blocks(hashes)
+    index.drop("w1")
+    assert index.blocks("w1") == 0 and index.matched_blocks(prefix_hashes(prompts[-1], 4)) == {}

@@ -10,19 +10,11 @@ Invariants (checked by `check()`, exercised by tests):
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 
+from services.common.block_hash import block_hash
+from services.engine.kv_events import KvEventLog
 from services.engine.sequence import Sequence
-
-
-def block_hash(parent: int | None, tokens: list[int]) -> int:
-    """Stable across processes (workers and routers must agree), chained so a hash names the whole prefix."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack("<q", parent if parent is not None else -1))
-    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
-    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 class BlockAllocator:
@@ -34,6 +26,7 @@ class BlockAllocator:
         self.hash_of: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # head is evicted first
+        self.events = KvEventLog()  # every change of `cached`, in order
 
     @property
     def num_free(self) -> int:
@@ -104,6 +97,7 @@ class BlockAllocator:
             if h not in self.cached and self.hash_of[block] is None:
                 self.cached[h] = block
                 self.hash_of[block] = h
+                self.events.add(True, h)
             seq.last_block_hash = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
@@ -122,6 +116,7 @@ class BlockAllocator:
         for h, b in self.cached.items():
             assert self.hash_of[b] == h
             self.hash_of[b] = None
+            self.events.add(False, h)
         self.cached.clear()
 
     def check(self) -> None:
@@ -142,5 +137,6 @@ class BlockAllocator:
         if h is not None:  # evict its cached content
             del self.cached[h]
             self.hash_of[block] = None
+            self.events.add(False, h)
         self.ref_counts[block] = 1
         return block

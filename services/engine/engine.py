@@ -79,6 +79,7 @@ class LoadCounts:
     computed_tokens: int = 0
     computed_prompt_tokens: int = 0
     preemptions: int = 0
+    pending_tokens: int = 0  # tokens of waiting and running requests whose KV is not computed yet
 
     def __add__(self, other: LoadCounts) -> LoadCounts:
         return LoadCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -265,7 +266,12 @@ class Engine:
             computed_tokens=runner.num_computed_tokens,
             computed_prompt_tokens=runner.num_computed_prompt_tokens,
             preemptions=scheduler.stats.num_preemptions,
+            pending_tokens=sum(s.num_pending_tokens for s in (*scheduler.waiting, *scheduler.running)),
         )
+
+    def kv_snapshot(self) -> tuple[int, list[int]]:
+        """Every block hash in the prefix cache now, and the number of the last cache event it includes."""
+        return self.allocator.events.seq, list(self.allocator.cached)
 
     # ---- stepping ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

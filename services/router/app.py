@@ -27,7 +27,7 @@ from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import ChatCompletionRequest, CompletionRequest
 from services.router.pipeline import Dispatcher, DispatchOptions, GenerationStream
-from services.router.workers import WorkerPool
+from services.router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdmesh.router")
 DISCONNECT_POLL_S = 0.25
@@ -44,6 +44,7 @@ class RouterConfig:
     max_in_flight: int = 4096
     worker_wait_s: float = 300.0
     poll_interval_s: float = 1.0
+    policy: str = "kv_aware"
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
 
     @property
@@ -55,6 +56,7 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model)
+        self.metrics = RouterMetrics()
         self.pool = WorkerPool.from_addresses(
             {
                 "prefill": list(config.prefill),
@@ -62,9 +64,10 @@ class Router:
                 "colocated": list(config.colocated),
             },
             config.poll_interval_s,
+            config.policy,
+            self._selected,
         )
         self.dispatcher = Dispatcher(self.pool, config.dispatch)
-        self.metrics = RouterMetrics()
         self.in_flight = 0
         self.ready = False
         self.startup_error: str | None = None
@@ -91,12 +94,23 @@ class Router:
             self.startup_error = str(e)
             log.error("router not ready: %s", e)
 
+    def _selected(self, worker: Worker, prompt_tokens: int, cached_tokens: int) -> None:
+        m = self.metrics
+        m.selections.labels(worker.role, worker.address, self.config.policy).inc()
+        m.routed_prompt_tokens.labels(worker.role).inc(prompt_tokens)
+        m.routed_cached_tokens.labels(worker.role).inc(cached_tokens)
+
     async def _export_worker_metrics(self) -> None:
         m = self.metrics
+        index = self.pool.index
         while True:
+            now = time.monotonic()
             for w in self.pool.workers:
                 labels = (w.role, w.address)
                 m.worker_up.labels(*labels).set(1 if w.healthy else 0)
+                m.kv_index_blocks.labels(*labels).set(index.blocks(w.address))
+                if w.address in index.updated:
+                    m.kv_events_age.labels(*labels).set(now - index.updated[w.address])
                 if w.load is not None:
                     m.worker_kv_used.labels(*labels).set(w.load.used_blocks)
                     m.worker_kv_total.labels(*labels).set(w.load.total_blocks)

@@ -52,3 +52,33 @@ class RouterMetrics:
         self.worker_bytes = Gauge(
             "pdmesh_worker_kv_transferred_bytes", "KV bytes sent or received", ["role", "address"], registry=r
         )
+        self.selections = Counter(
+            "pdmesh_router_selections",
+            "Workers picked, by role, worker and policy",
+            ["role", "address", "policy"],
+            registry=r,
+        )
+        self.routed_prompt_tokens = Counter(
+            "pdmesh_router_routed_prompt_tokens",
+            "Prompt tokens of the requests routed, by role",
+            ["role"],
+            registry=r,
+        )
+        self.routed_cached_tokens = Counter(
+            "pdmesh_router_routed_cached_tokens",
+            "Of those, tokens the chosen worker held in its prefix cache at routing time (by the router's index)",
+            ["role"],
+            registry=r,
+        )
+        self.kv_index_blocks = Gauge(
+            "pdmesh_router_kv_index_blocks",
+            "Blocks of the worker's prefix cache in this router's index",
+            ["role", "address"],
+            registry=r,
+        )
+        self.kv_events_age = Gauge(
+            "pdmesh_router_kv_events_age_seconds",
+            "Time since the worker's last KV event batch reached this router (it sends one per interval with news)",
+            ["role", "address"],
+            registry=r,
+        )

@@ -148,6 +148,9 @@ class Dispatcher:
             except BaseException:
                 await stream.close()
                 raise
+            finally:
+                if stream.leg == "colocated" and stream.worker is not None:
+                    stream.worker.settle()  # its prompt is computed (or abandoned)
             stream.pending.append(first)
             if first.HasField("timings"):
                 ft = first.timings
@@ -163,7 +166,7 @@ class Dispatcher:
     async def _open_colocated(
         self, rid: str, prompt: list[int], params: SamplingParams, started: float
     ) -> GenerationStream:
-        worker = await self.pool.pick_live("colocated")
+        worker = await self.pool.pick_live("colocated", prompt=prompt)
         call = worker.colocated.Generate(
             pb.ColocatedRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params))
         )
@@ -187,7 +190,7 @@ class Dispatcher:
         tried: set[str] = set()
         while True:
             try:
-                prefill = await self.pool.pick_live("prefill", exclude=tried)
+                prefill = await self.pool.pick_live("prefill", exclude=tried, prompt=prompt)
             except BaseException:  # no prefill worker can take it (or the client left): nothing was written
                 await asyncio.shield(self._release(decode, rid, writer_done=True))
                 raise
@@ -200,8 +203,10 @@ class Dispatcher:
             )
             try:
                 response = await prefill.prefill.Prefill(request, timeout=self.options.prefill_timeout_s)
+                prefill.settle()
                 break
             except grpc.aio.AioRpcError as e:
+                prefill.settle()
                 writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.pool.mark_down(prefill, e.details() or "unavailable")
@@ -214,6 +219,7 @@ class Dispatcher:
                 await asyncio.shield(self._release(decode, rid, writer_done))
                 raise from_grpc(e, "prefill") from e
             except BaseException:  # cancelled (client gone) or anything unexpected
+                prefill.settle()
                 writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
                 await asyncio.shield(self._release(decode, rid, writer_done))
                 raise
@@ -257,7 +263,7 @@ class Dispatcher:
             full: set[str] = set()
             while True:
                 try:
-                    decode = await self.pool.pick_live("decode", exclude=full)
+                    decode = await self.pool.pick_live("decode", exclude=full, prompt=prompt)
                 except APIError:
                     break
                 request = pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)

@@ -6,6 +6,7 @@ import argparse
 
 from services.router.app import RouterConfig, create_app
 from services.router.pipeline import DispatchOptions
+from services.router.policies import POLICIES
 
 
 def _addresses(values: list[str] | None) -> tuple[str, ...]:
@@ -43,6 +44,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-wait", type=float, default=300.0, help="seconds to wait for workers at start"
     )
+    parser.add_argument(
+        "--policy",
+        default="kv_aware",
+        choices=POLICIES,
+        help="how workers are picked (default kv_aware: uncached prompt tokens + queued work)",
+    )
 
 
 def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
@@ -55,6 +62,7 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
         api_key=args.api_key,
         max_in_flight=args.max_in_flight,
         worker_wait_s=args.worker_wait,
+        policy=args.policy,
         dispatch=DispatchOptions(
             prefill_timeout_s=args.prefill_timeout,
             token_timeout_s=args.token_timeout,

@@ -1,23 +1,27 @@
-"""The router's view of its workers: channels, what each serves, health and load, and picking one.
+"""The router's view of its workers: channels, what each serves, health, load and KV cache, and picking one.
 
 Every worker is polled (GetLoad) every `poll_interval_s`; a worker that fails a poll or a call is marked down and
-skipped until a poll succeeds again. Picking is round-robin over healthy workers of a role.
+skipped until a poll succeeds again. Every worker's prefix cache is followed (`WatchKvEvents`) into one exact
+index. Picking is the configured policy over the healthy workers of a role (services/router/policies.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.common.block_hash import prefix_hashes
 from services.common.grpc_options import GRPC_OPTIONS
 from services.router.errors import APIError
+from services.router.kv_index import KvIndex, follow
+from services.router.policies import Chooser
 
 log = logging.getLogger("pdmesh.router")
 ROLES = ("prefill", "decode", "colocated")
@@ -32,6 +36,13 @@ class Worker:
     healthy: bool = False
     last_error: str = "not contacted yet"
     channel: grpc.aio.Channel | None = None
+    # dispatched by this replica, not yet in a load report and not yet done: (when, tokens of work)
+    unreported: list[tuple[float, int]] = field(default_factory=list)
+
+    def settle(self) -> None:
+        """This replica's oldest dispatch to the worker has done its queued work (prefill: the first token)."""
+        if self.unreported:
+            self.unreported.pop(0)
 
     def connect(self) -> None:
         """Open the channel; must run inside the event loop that will use it."""
@@ -42,16 +53,31 @@ class Worker:
         self.colocated = pb_grpc.ColocatedStub(self.channel)
 
 
+Selected = Callable[["Worker", int, int], None]  # (worker, prompt tokens, of which cached there)
+
+
 @dataclass
 class WorkerPool:
     workers: list[Worker]
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 2.0
-    _cursors: dict[str, itertools.count[int]] = field(default_factory=dict)
+    policy: str = "kv_aware"
+    on_select: Selected | None = None
+    index: KvIndex = field(default_factory=KvIndex)
     _task: asyncio.Task[None] | None = None
+    _followers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.chooser = Chooser(self.policy)
 
     @classmethod
-    def from_addresses(cls, addresses: dict[str, list[str]], poll_interval_s: float = 1.0) -> WorkerPool:
+    def from_addresses(
+        cls,
+        addresses: dict[str, list[str]],
+        poll_interval_s: float = 1.0,
+        policy: str = "kv_aware",
+        on_select: Selected | None = None,
+    ) -> WorkerPool:
         workers = [Worker(a, role) for role in ROLES for a in addresses.get(role, [])]
         if not workers:
             raise ValueError("no workers given: pass --prefill and --decode addresses, or --colocated ones")
@@ -60,7 +86,7 @@ class WorkerPool:
             raise ValueError("give either colocated workers or prefill and decode workers, not both")
         if roles != {"colocated"} and roles != {"prefill", "decode"}:
             raise ValueError("a disaggregated cluster needs at least one prefill and one decode worker")
-        return cls(workers, poll_interval_s)
+        return cls(workers, poll_interval_s, policy=policy, on_select=on_select)
 
     @property
     def mode(self) -> str:
@@ -74,8 +100,14 @@ class WorkerPool:
             w.connect()
         await self.poll()
         self._task = asyncio.create_task(self._poll_forever())
+        if self.policy == "kv_aware":
+            self._followers = [
+                asyncio.create_task(follow(w.worker, w.address, self.index)) for w in self.workers
+            ]
 
     async def close(self) -> None:
+        for task in self._followers:
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
         for w in self.workers:
@@ -100,20 +132,35 @@ class WorkerPool:
         roles = ("colocated",) if self.mode == "colocated" else ("prefill", "decode")
         return all(any(w.healthy for w in self.of_role(r)) for r in roles)
 
-    def pick(self, role: str, exclude: set[str] | frozenset[str] = frozenset()) -> Worker:
+    def pick(
+        self, role: str, exclude: set[str] | frozenset[str] = frozenset(), prompt: list[int] | None = None
+    ) -> Worker:
         candidates = [w for w in self.of_role(role) if w.healthy and w.address not in exclude]
         if not candidates:
             raise APIError(503, f"no healthy {role} worker is available; check the workers and retry.")
-        cursor = self._cursors.setdefault(role, itertools.count())
-        return candidates[next(cursor) % len(candidates)]
+        prompt = prompt or []
 
-    async def pick_live(self, role: str, exclude: set[str] | frozenset[str] = frozenset()) -> Worker:
+        def cached_blocks() -> dict[str, int]:
+            block = next((w.info.block_size for w in candidates if w.info is not None), 0)
+            # the engine reuses cached blocks for all but the last prompt token (its logits must be computed)
+            return self.index.matched_blocks(prefix_hashes(prompt, block, len(prompt) - 1)) if block else {}
+
+        worker, cached = self.chooser.choose(role, candidates, len(prompt), cached_blocks)
+        block = worker.info.block_size if worker.info is not None else 0
+        worker.unreported.append((time.monotonic(), max(1, len(prompt) - cached * block)))
+        if self.on_select is not None:
+            self.on_select(worker, len(prompt), cached * block)
+        return worker
+
+    async def pick_live(
+        self, role: str, exclude: set[str] | frozenset[str] = frozenset(), prompt: list[int] | None = None
+    ) -> Worker:
         """Like pick, but when none looks healthy, poll once more first (a worker may have just come up)."""
         try:
-            return self.pick(role, exclude)
+            return self.pick(role, exclude, prompt)
         except APIError:
             await self.poll()
-            return self.pick(role, exclude)
+            return self.pick(role, exclude, prompt)
 
     def mark_down(self, worker: Worker, error: str) -> None:
         if worker.healthy:
@@ -130,7 +177,10 @@ class WorkerPool:
                 w.info = await w.worker.GetInfo(pb.GetInfoRequest(), timeout=self.poll_timeout_s)
                 if w.info.role != w.role:
                     raise ValueError(f"it is a {w.info.role} worker, configured as {w.role}")
+            asked = time.monotonic()
             w.load = await w.worker.GetLoad(pb.GetLoadRequest(), timeout=self.poll_timeout_s)
+            # the report includes everything dispatched before it was asked for
+            w.unreported = [(t, n) for t, n in w.unreported if t >= asked]
         except (grpc.aio.AioRpcError, ValueError) as e:
             self.mark_down(w, e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e))
             return

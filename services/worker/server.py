@@ -148,7 +148,7 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
 
         aengine = AsyncEngine(engine)
         pb_grpc.add_ColocatedServicer_to_server(ColocatedService(aengine), server)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(engine, endpoints, host_id, transferred), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(aengine, endpoints, host_id, transferred), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     aengine.start()

@@ -1,8 +1,10 @@
-"""The Worker service every role serves: what the worker is (GetInfo) and how loaded it is (GetLoad, WatchLoad)."""
+"""The Worker service every role serves: what the worker is (GetInfo), how loaded it is (GetLoad, WatchLoad), and
+what its prefix cache holds (WatchKvEvents)."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -11,11 +13,13 @@ import grpc
 from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
+from services.engine.async_engine import AsyncEngine
 from services.engine.engine import Engine
 from services.transfer.endpoints import KvEndpoint
 from services.worker.convert import endpoints_to_proto
 
 MIN_WATCH_INTERVAL_S = 0.05
+KV_EVENTS_INTERVAL_S = 0.05
 
 
 def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
@@ -25,12 +29,14 @@ def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(
         self,
-        engine: Engine,
+        aengine: AsyncEngine,
         endpoints: tuple[KvEndpoint, ...] = (),
         host_id: str = "",
         transferred: Callable[[], int] = lambda: 0,
     ) -> None:
-        self.engine = engine
+        self.aengine = aengine
+        self.engine = aengine.engine
+        self.instance = uuid.uuid4().hex  # a restarted worker is a new instance with an empty cache
         self.endpoints = endpoints
         self.host_id = host_id
         self.transferred = transferred
@@ -61,4 +67,36 @@ class WorkerService(pb_grpc.WorkerServicer):
         interval = max(request.interval_s or 1.0, MIN_WATCH_INTERVAL_S)
         while True:
             yield load_of(self.engine, self.transferred())
+            await asyncio.sleep(interval)
+
+    async def WatchKvEvents(
+        self, request: pb.WatchKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.KvEvents]:
+        engine = self.engine
+        if not isinstance(engine, Engine):  # a group of ranks: each has its own cache
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "workers with several ranks do not report KV events yet"
+            )
+        interval = max(request.interval_s or KV_EVENTS_INTERVAL_S, 0.005)
+        block_size = engine.config.block_size
+        seq = -1
+        while True:
+            events = engine.allocator.events.since(seq) if seq >= 0 else None
+            if events is None:  # joining, or fell behind what the log keeps: start over from a snapshot
+                seq, hashes = await self.aengine.call(engine.kv_snapshot)
+                yield pb.KvEvents(
+                    instance=self.instance,
+                    seq=seq,
+                    snapshot=True,
+                    events=[pb.KvEvent(stored=True, block_hash=h) for h in hashes],
+                    block_size=block_size,
+                )
+            elif events:
+                seq = events[-1][0]
+                yield pb.KvEvents(
+                    instance=self.instance,
+                    seq=seq,
+                    events=[pb.KvEvent(stored=stored, block_hash=h) for _, stored, h in events],
+                    block_size=block_size,
+                )
             await asyncio.sleep(interval)

@@ -99,7 +99,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running", "waiting", "parked", "used_blocks", "total_blocks", "computed_tokens", "computed_prompt_tokens", "transferred_bytes", "preemptions")
+    __slots__ = ("running", "waiting", "parked", "used_blocks", "total_blocks", "computed_tokens", "computed_prompt_tokens", "transferred_bytes", "preemptions", "pending_tokens")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     PARKED_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class Load(_message.Message):
     COMPUTED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     parked: int
@@ -118,13 +119,42 @@ class Load(_message.Message):
     computed_prompt_tokens: int
     transferred_bytes: int
     preemptions: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., parked: _Optional[int] = ..., used_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., computed_prompt_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    pending_tokens: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., parked: _Optional[int] = ..., used_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., computed_prompt_tokens: _Optional[int] = ..., transferred_bytes: _Optional[int] = ..., preemptions: _Optional[int] = ..., pending_tokens: _Optional[int] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
     __slots__ = ("interval_s",)
     INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     interval_s: float
     def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class WatchKvEventsRequest(_message.Message):
+    __slots__ = ("interval_s",)
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    def __init__(self, interval_s: _Optional[float] = ...) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("stored", "block_hash")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    block_hash: int
+    def __init__(self, stored: _Optional[bool] = ..., block_hash: _Optional[int] = ...) -> None: ...
+
+class KvEvents(_message.Message):
+    __slots__ = ("instance", "seq", "snapshot", "events", "block_size")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    seq: int
+    snapshot: bool
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    block_size: int
+    def __init__(self, instance: _Optional[str] = ..., seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class KvEndpoint(_message.Message):
     __slots__ = ("protocol", "session_id")

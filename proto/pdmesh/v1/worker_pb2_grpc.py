@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.Load.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/pdmesh.v1.Worker/WatchKvEvents',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.KvEvents.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -72,6 +77,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.WatchLoad,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WatchLoadRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.Load.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.KvEvents.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Worker:
             '/pdmesh.v1.Worker/WatchLoad',
             pdmesh_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdmesh.v1.Worker/WatchKvEvents',
+            pdmesh_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.KvEvents.FromString,
             options,
             channel_credentials,
             insecure,
