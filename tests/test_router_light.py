@@ -85,3 +85,25 @@ def test_the_router_serves_without_torch_or_the_engine(light_router: str, llama_
     )
     assert r.status_code == 400
     assert "pdmesh_requests_total" in httpx.get(f"{light_router}/metrics").text
+
+
+@pytest.mark.parametrize("metrics_need_key", [False, True])
+def test_the_api_key_guards_v1_and_optionally_metrics(llama_checkpoint: Path, metrics_need_key: bool) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.router.app import RouterConfig, create_app
+
+    config = RouterConfig(
+        model=str(llama_checkpoint),
+        prefill=("127.0.0.1:1",),  # nothing listens: these routes need no worker
+        decode=("127.0.0.1:2",),
+        api_key="s3cret",
+        metrics_need_key=metrics_need_key,
+        worker_wait_s=1,
+    )
+    with TestClient(create_app(config)) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/metrics").status_code == (401 if metrics_need_key else 200)
+        assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ class RouterConfig:
     colocated: tuple[str, ...] = ()
     served_model_name: str | None = None
     api_key: str | None = None
+    metrics_need_key: bool = False  # /metrics behind the API key too
     max_in_flight: int = 4096
     worker_wait_s: float = 300.0
     poll_interval_s: float = 1.0
@@ -255,8 +257,12 @@ def create_app(config: RouterConfig) -> FastAPI:
 
     # NOTE: a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides client disconnects from
     # handlers, and disconnects are how abandoned requests get aborted
+    expected = f"Bearer {config.api_key}".encode() if config.api_key else b""
+
     async def require_api_key(request: Request) -> None:
-        if config.api_key and request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        # NOTE: compared in constant time, so response timing does not reveal how much of a guess was right
+        sent = request.headers.get("authorization", "").encode()
+        if expected and not hmac.compare_digest(sent, expected):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>').")
 
     v1 = [Depends(require_api_key)]
@@ -273,7 +279,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             body["error"] = router.startup_error
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=v1 if config.metrics_need_key else [])
     async def metrics() -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -29,6 +29,9 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     parser.add_argument(
+        "--metrics-need-key", action="store_true", help="with --api-key: /metrics requires the key too"
+    )
+    parser.add_argument(
         "--max-in-flight", type=int, default=4096, help="requests served at once; beyond: 429"
     )
     parser.add_argument(
@@ -60,6 +63,7 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
         colocated=_addresses(args.colocated),
         served_model_name=args.served_model_name,
         api_key=args.api_key,
+        metrics_need_key=args.metrics_need_key,
         max_in_flight=args.max_in_flight,
         worker_wait_s=args.worker_wait,
         policy=args.policy,
