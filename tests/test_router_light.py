@@ -3,6 +3,7 @@ completions (streamed and not) and chat through real prefill and decode workers.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -107,3 +108,30 @@ def test_the_api_key_guards_v1_and_optionally_metrics(llama_checkpoint: Path, me
         assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/metrics").status_code == (401 if metrics_need_key else 200)
         assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_several_prompts_stream_as_several_choices(light_router: str, llama_checkpoint: Path) -> None:
+    body = {
+        "model": llama_checkpoint.name,
+        "prompt": ["one two", "three four five"],
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    per_choice: dict[int, int] = {0: 0, 1: 0}
+    finished: set[int] = set()
+    usage = {}
+    with httpx.stream("POST", f"{light_router}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            for choice in event["choices"]:
+                per_choice[choice["index"]] += 1
+                if choice["finish_reason"]:
+                    finished.add(choice["index"])
+            usage = event.get("usage") or usage
+    assert finished == {0, 1} and per_choice[0] >= 1 and per_choice[1] >= 1
+    assert usage["completion_tokens"] == 12

@@ -27,7 +27,7 @@ from services.router import responses as R
 from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import ChatCompletionRequest, CompletionRequest
-from services.router.pipeline import Dispatcher, DispatchOptions, GenerationStream
+from services.router.pipeline import Delta, Dispatcher, DispatchOptions, GenerationStream
 from services.router.workers import Worker, WorkerPool
 
 log = logging.getLogger("pdmesh.router")
@@ -440,12 +440,15 @@ async def _collect(
     return R.completion_body(rid, spec.model, choices, _usage(streams), timings)
 
 
-async def _stream_events(
-    router: Router, rid: str, spec: Spec, streams: list[GenerationStream], started: float
-) -> AsyncIterator[str]:
-    created = int(time.time())
-    status = "200"
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | None]]:
+    """(index, delta) from every stream as they come, and (index, None) when one ends; a stream's error is raised.
+    One stream (the common case) is read directly: no task and no queue between it and the client."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, s: GenerationStream) -> None:
         try:
@@ -458,29 +461,46 @@ async def _stream_events(
 
     pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                remaining -= 1
+            yield index, item
+    finally:
+        for p in pumps:
+            p.cancel()
+
+
+async def _stream_events(
+    router: Router, rid: str, spec: Spec, streams: list[GenerationStream], started: float
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    status = "200"
+    try:
         if spec.chat:
             yield R.sse(R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}))
         fmts = [R.LogprobFormatter(router.tokenizer, spec.chat) for _ in streams]
         ttfts: list[float | None] = [None] * len(streams)
-        remaining = len(streams)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-                router.observe(streams[index], ttfts[index] or 0.0, time.monotonic() - started)
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            ttfts[index] = ttfts[index] if ttfts[index] is not None else time.monotonic() - started
-            lp = fmts[index].add(item.logprobs)
-            if spec.chat:
-                delta = {"content": item.text} if item.text or not item.finish_reason else {}
-                chunk = R.chat_chunk(rid, spec.model, created, delta, item.finish_reason, lp)
-            else:
-                chunk = R.completion_chunk(rid, spec.model, created, index, item.text, item.finish_reason, lp)
-            if spec.return_token_ids:
-                chunk["choices"][0]["token_ids"] = item.token_ids
-            yield R.sse(chunk)
+        async with contextlib.aclosing(_merged(streams)) as merged:  # NOTE: closed at once on a disconnect
+            async for index, item in merged:
+                if item is None:
+                    router.observe(streams[index], ttfts[index] or 0.0, time.monotonic() - started)
+                    continue
+                ttfts[index] = ttfts[index] if ttfts[index] is not None else time.monotonic() - started
+                lp = fmts[index].add(item.logprobs)
+                if spec.chat:
+                    delta = {"content": item.text} if item.text or not item.finish_reason else {}
+                    chunk = R.chat_chunk(rid, spec.model, created, delta, item.finish_reason, lp)
+                else:
+                    chunk = R.completion_chunk(
+                        rid, spec.model, created, index, item.text, item.finish_reason, lp
+                    )
+                if spec.return_token_ids:
+                    chunk["choices"][0]["token_ids"] = item.token_ids
+                yield R.sse(chunk)
         if spec.include_usage:
             yield R.sse(
                 {
@@ -502,8 +522,6 @@ async def _stream_events(
         status = "499"
         raise
     finally:
-        for p in pumps:
-            p.cancel()
         for s in streams:
             router.spawn(s.close())
         router.metrics.requests.labels(spec.endpoint, status).inc()

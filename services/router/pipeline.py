@@ -96,7 +96,10 @@ class GenerationStream:
     async def _read(self) -> pb.TokenChunk:
         assert self.call is not None
         try:
-            chunk = await asyncio.wait_for(self.call.read(), self.options.token_timeout_s)
+            async with asyncio.timeout(
+                self.options.token_timeout_s
+            ):  # NOTE: no task per token, as wait_for makes
+                chunk = await self.call.read()
         except TimeoutError:
             raise APIError(
                 504, f"the {self.leg} worker sent nothing for {self.options.token_timeout_s:.0f}s"
