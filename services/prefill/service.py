@@ -185,7 +185,9 @@ class PrefillService(pb_grpc.PrefillServicer):
         # every write is bounded in time, so this returns; the limit only guards against a lost notification
         if not await self._transfer_over(request_id, WAIT_LIMIT_S):
             raise TransferError(f"the KV transfer of {request_id} did not end within {WAIT_LIMIT_S:.0f}s")
-        t = self.sender.requests[request_id]
+        t = self.sender.requests.get(request_id)
+        if t is None:  # an Abort overtook us
+            raise TransferError(f"request {request_id} was aborted during its KV transfer")
         if t.error:
             raise TransferError(t.error)
         return t
