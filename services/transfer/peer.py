@@ -1,10 +1,10 @@
 """One destination session's KV writes, in order, on a thread of their own: staging slot, gather, fence, write.
 
-`submit` (engine thread) gathers a job into a staging slot at once when one is free and this peer holds fewer
-than PREGATHER_SLOTS, so the gather of chunk k+1 overlaps the write of chunk k; otherwise the writer thread takes
-a slot and gathers when the job's turn comes. The engine thread never waits. A writer for a slow or dead peer
-blocks only itself (each write has a timeout) and holds at most PREGATHER_SLOTS + 1 slots. The thread survives
-anything a job raises: the job's request gets the error, the next job runs.
+`submit` (engine thread) gathers a job into a staging slot at once when one is free and this peer holds less than
+its share (half the slots), so the gather of chunk k+1 overlaps the write of chunk k; otherwise the writer thread
+takes a slot and gathers when the job's turn comes. The engine thread never waits. A writer for a slow or dead
+peer blocks only itself (each write has a timeout) and never holds more than its share, so the other peers always
+find slots. The thread survives anything a job raises: the job's request gets the error, the next job runs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from services.transfer.mooncake_engine import MooncakeEngine
 from services.transfer.staging import Fence, StagingBuffer
 
 log = logging.getLogger("pdmesh.transfer")
-PREGATHER_SLOTS = (
-    1  # slots a peer's queued jobs may hold, gathered on the engine thread, besides the one in writing
-)
 
 
 @dataclass(frozen=True)
@@ -69,35 +66,33 @@ class PeerWriter:
         self._end = end
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._pregathered = 0
+        self._held = 0  # staging slots this peer's jobs hold (gathered and queued, or being written)
+        # NOTE: at most half the slots (at least one) for one peer: a stalled peer never starves the others
+        self.share = max(1, staging.num_slots // 2)
         kv = staging.kv
         self._stream = torch.cuda.Stream(kv.device) if kv.is_cuda else None
         self._thread = threading.Thread(target=self._run, name=f"kv-writer-{session_id}", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Engine thread: queue the job, gathered now if a slot is free (never waits)."""
+        """Engine thread: queue the job, gathered now if a slot is free and this peer's share allows (never waits)."""
+        slot = None
         with self._lock:
-            pregather = self._pregathered < PREGATHER_SLOTS
-            if pregather:
-                self._pregathered += 1
-        slot = self.staging.try_acquire() if pregather else None
-        if slot is None:
-            with self._lock:
-                self._pregathered -= pregather
-        else:
+            if self._held < self.share:
+                slot = self.staging.try_acquire()
+                self._held += slot is not None
+        if slot is not None:
             try:
                 fence = self.staging.gather(slot, job.src_blocks, job.after, self.staging.engine_stream)
                 job = replace(job, slot=slot, fence=fence)
             except Exception:  # the writer gathers it again and fails the request alone
-                self._release(slot, pregathered=True)
+                self._release(slot)
         self._jobs.put(job)
 
-    def _release(self, slot: int, pregathered: bool) -> None:
+    def _release(self, slot: int) -> None:
         self.staging.release(slot)
-        if pregathered:
-            with self._lock:
-                self._pregathered -= 1
+        with self._lock:
+            self._held -= 1
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -114,7 +109,7 @@ class PeerWriter:
                 run = False
             if not run:
                 if job.slot is not None:
-                    self._release(job.slot, pregathered=True)
+                    self._release(job.slot)
                 continue
             nbytes, error = 0, None
             try:
@@ -131,6 +126,8 @@ class PeerWriter:
         slot, fence = job.slot, job.fence
         if slot is None:
             slot = self.staging.acquire(self.timeout_s)
+            with self._lock:
+                self._held += 1
         try:
             if fence is None:
                 fence = self.staging.gather(slot, job.src_blocks, job.after, self._stream)
@@ -139,5 +136,5 @@ class PeerWriter:
             src, dst, lengths = coalesce(self.staging.address(slot), job.dst_addresses, nbytes)
             self.engine.write(self.session_id, src, dst, lengths)
         finally:
-            self._release(slot, pregathered=job.slot is not None)
+            self._release(slot)
         return len(job.src_blocks) * nbytes

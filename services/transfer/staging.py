@@ -36,6 +36,7 @@ def step_event(kv: torch.Tensor) -> torch.cuda.Event | None:
 class StagingBuffer:
     def __init__(self, kv: torch.Tensor, block_nbytes: int, num_slots: int, slot_blocks: int) -> None:
         self.kv = kv
+        self.num_slots = num_slots
         self.slot_blocks = slot_blocks
         self.block_nbytes = block_nbytes
         self.buffer = torch.empty((num_slots, slot_blocks, *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
