@@ -69,6 +69,7 @@ class WorkerPool:
 
     def __post_init__(self) -> None:
         self.chooser = Chooser(self.policy)
+        self._hashed: tuple[list[int] | None, int, list[int]] = (None, 0, [])  # the last prompt hashed
 
     @classmethod
     def from_addresses(
@@ -142,8 +143,13 @@ class WorkerPool:
 
         def cached_blocks() -> dict[str, int]:
             block = next((w.info.block_size for w in candidates if w.info is not None), 0)
-            # the engine reuses cached blocks for all but the last prompt token (its logits must be computed)
-            return self.index.matched_blocks(prefix_hashes(prompt, block, len(prompt) - 1)) if block else {}
+            if not block:
+                return {}
+            # NOTE: a PD request picks twice (decode, then prefill) with the same prompt: hash it once
+            if self._hashed[0] is not prompt or self._hashed[1] != block:
+                # the engine reuses cached blocks for all but the last prompt token (its logits must be computed)
+                self._hashed = (prompt, block, prefix_hashes(prompt, block, len(prompt) - 1))
+            return self.index.matched_blocks(self._hashed[2])
 
         worker, cached = self.chooser.choose(role, candidates, len(prompt), cached_blocks)
         block = worker.info.block_size if worker.info is not None else 0
