@@ -77,7 +77,7 @@ def _router(args: argparse.Namespace) -> None:
 
         model = str(default_model_dir())
     config = router_config(args, model)
-    run_router(config, args.host, args.port, args.log_level.lower())
+    run_router(config, args.host, args.port, args.log_level.lower(), args.workers, args.reuse_port)
 
 
 def _up(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,27 @@ from services.common.errors import RequestError
 from services.common.sampling_params import SamplingParams
 from services.common.tokenizer import Tokenizer
 from services.router import responses as R
+from services.router.admission import Admission
+from services.router.breaker import STATE_VALUE
+from services.router.discovery import resolver, split_addresses, watch_dns
 from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import ChatCompletionRequest, CompletionRequest
 from services.router.pipeline import Delta, Dispatcher, DispatchOptions, GenerationStream
-from services.router.workers import Worker, WorkerPool
+from services.router.workers import ROLES, Worker, WorkerPool, static_members
 
 log = logging.getLogger("pdmesh.router")
 DISCONNECT_POLL_S = 0.25
+TIMEOUT_HEADER = "x-pdmesh-timeout"
+MERGE_BUFFER = 4  # chunks waiting between the workers' streams of one request and its client
+
+
+@dataclass(frozen=True)
+class KubernetesDiscovery:
+    selector: str  # pods of the fleet, e.g. app.kubernetes.io/instance=pdmesh
+    namespace: str | None = None  # default: the router's own namespace
+    port: int = 50051  # the workers' gRPC port
+    role_label: str = "pdmesh.io/role"
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,17 @@ class RouterConfig:
     api_key: str | None = None
     metrics_need_key: bool = False  # /metrics behind the API key too
     max_in_flight: int = 4096
+    queue_timeout_s: float = 5.0  # how long a request beyond max_in_flight waits for a slot before 429
+    request_timeout_s: float | None = None  # deadline of every request (a client may ask for less)
+    max_prompts: int = 64  # prompts in one /v1/completions request
     worker_wait_s: float = 300.0
     poll_interval_s: float = 1.0
     policy: str = "kv_aware"
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 5.0
+    dns_interval_s: float = 5.0
+    dns_server: str | None = None
+    kubernetes: KubernetesDiscovery | None = None
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
 
     @property
@@ -59,18 +80,27 @@ class Router:
         self.config = config
         self.tokenizer = Tokenizer(config.model)
         self.metrics = RouterMetrics()
-        self.pool = WorkerPool.from_addresses(
-            {
-                "prefill": list(config.prefill),
-                "decode": list(config.decode),
-                "colocated": list(config.colocated),
-            },
+        static: dict[str, list[str]] = {}
+        self.dns_names = []
+        for role, values in zip(ROLES, (config.prefill, config.decode, config.colocated), strict=True):
+            static[role], names = split_addresses(role, values)
+            self.dns_names += names
+        if not any(static.values()) and not self.dns_names and config.kubernetes is None:
+            raise ValueError(
+                "no workers given: pass --prefill and --decode (or --colocated) addresses or dns:// names, "
+                "or --kubernetes-selector"
+            )
+        self.pool = WorkerPool(
             config.poll_interval_s,
-            config.policy,
-            self._selected,
+            policy=config.policy,
+            on_select=self._selected,
+            on_breaker=self._breaker_changed,
+            breaker_threshold=config.breaker_threshold,
+            breaker_cooldown_s=config.breaker_cooldown_s,
         )
-        self.dispatcher = Dispatcher(self.pool, config.dispatch)
-        self.in_flight = 0
+        self.pool.set_members("static", static_members(static))
+        self.dispatcher = Dispatcher(self.pool, config.dispatch, on_retry=self._retried)
+        self.admission = Admission(config.max_in_flight, config.queue_timeout_s)
         self.ready = False
         self.startup_error: str | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -79,6 +109,16 @@ class Router:
     # ---- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.pool.start()
+        if self.dns_names:
+            r = resolver(self.config.dns_server)
+            for name in self.dns_names:
+                self.pool.follow_source(name.source, watch_dns(name, self.config.dns_interval_s, r))
+        if self.config.kubernetes is not None:
+            from services.router.discovery_kubernetes import watch_pods
+
+            k = self.config.kubernetes
+            pods = watch_pods(k.namespace, k.selector, k.port, k.role_label)
+            self.pool.follow_source(f"kubernetes:{k.selector}", pods)
         self.spawn(self._become_ready())
         self.spawn(self._export_worker_metrics())
 
@@ -96,6 +136,17 @@ class Router:
             self.startup_error = str(e)
             log.error("router not ready: %s", e)
 
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
+
+    def _breaker_changed(self, worker: Worker, change: str) -> None:
+        if change == "opened":
+            self.metrics.breaker_trips.labels(worker.role, worker.address).inc()
+
+    def _retried(self, worker: Worker) -> None:
+        self.metrics.retries.labels(worker.role, worker.address).inc()
+
     def _selected(self, worker: Worker, prompt_tokens: int, cached_tokens: int) -> None:
         m = self.metrics
         m.selections.labels(worker.role, worker.address, self.config.policy).inc()
@@ -105,11 +156,18 @@ class Router:
     async def _export_worker_metrics(self) -> None:
         m = self.metrics
         index = self.pool.index
+        exported: set[tuple[str, str]] = set()
         while True:
             now = time.monotonic()
+            current = {(w.role, w.address) for w in self.pool.workers}
+            for labels in exported - current:  # a worker that left the fleet leaves the metrics too
+                m.forget_worker(*labels)
+            exported = current
+            m.admission_waiting.set(self.admission.waiting)
             for w in self.pool.workers:
                 labels = (w.role, w.address)
                 m.worker_up.labels(*labels).set(1 if w.healthy else 0)
+                m.breaker_state.labels(*labels).set(STATE_VALUE[w.breaker.state])
                 m.kv_index_blocks.labels(*labels).set(index.blocks(w.address))
                 if w.address in index.updated:
                     m.kv_events_age.labels(*labels).set(now - index.updated[w.address])
@@ -171,22 +229,19 @@ class Router:
         if any(not 0 <= t < vocab for t in ids):
             raise APIError(400, f"token ids must be in [0, {vocab}).", param="prompt")
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, endpoint: str) -> AsyncIterator[None]:
-        if self.in_flight >= self.config.max_in_flight:
-            self.metrics.requests.labels(endpoint, "429").inc()
-            raise APIError(
-                429,
-                f"the router is at its limit of {self.config.max_in_flight} requests in flight; retry later.",
-                retry_after=1,
-            )
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+    def deadline(self, request: Request) -> float | None:
+        """When this request must be done (monotonic): --request-timeout, or sooner if the client asks."""
+        limit = self.config.request_timeout_s
+        asked = request.headers.get(TIMEOUT_HEADER)
+        if asked is not None:
+            try:
+                seconds = float(asked)
+            except ValueError:
+                seconds = -1.0
+            if not 0 < seconds < 1e9:
+                raise APIError(400, f"the {TIMEOUT_HEADER} header must be a number of seconds > 0, got {asked!r}.")  # fmt: skip
+            limit = seconds if limit is None else min(limit, seconds)
+        return None if limit is None else time.monotonic() + limit
 
     def observe(self, stream: GenerationStream, ttft: float, e2e: float) -> None:
         m = self.metrics
@@ -270,7 +325,13 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         workers = [
-            {"role": w.role, "address": w.address, "healthy": w.healthy, "error": w.last_error}
+            {
+                "role": w.role,
+                "address": w.address,
+                "healthy": w.healthy,
+                "breaker": w.breaker.state,
+                "error": w.refused or w.last_error,
+            }
             for w in router.pool.workers
         ]
         ok = router.ready and router.pool.ready
@@ -339,6 +400,13 @@ def _completion_prompts(
         ids = list(prompt)  # type: ignore[arg-type]
         router.validate_token_ids(ids)
         return [ids]
+    if len(prompt) > router.config.max_prompts:
+        raise APIError(
+            400,
+            f"{len(prompt)} prompts in one request; at most {router.config.max_prompts} are served at once "
+            "(--max-prompts): split the batch.",
+            param="prompt",
+        )
     out = []
     for p in prompt:
         if isinstance(p, str):
@@ -376,31 +444,96 @@ async def _serve(
     router: Router, request: Request, spec: Spec, plans: list[tuple[list[int], SamplingParams]]
 ) -> Response:
     rid = f"{'chatcmpl' if spec.chat else 'cmpl'}-{uuid.uuid4().hex}"
-    async with router.admitted(spec.endpoint):
-        started = time.monotonic()
-        ids = [rid] if len(plans) == 1 else [f"{rid}-{i}" for i in range(len(plans))]
-        opened: list[GenerationStream] = []
-        try:
-            for sub_id, (prompt, params) in zip(ids, plans, strict=True):
-                opened.append(
-                    await _until_disconnected(request, router.dispatcher.open(sub_id, prompt, params))
-                )
-            if not spec.stream:
-                body = await _until_disconnected(request, _collect(router, rid, spec, opened, started))
-        except BaseException as e:
-            for s in opened:
-                router.spawn(s.close())
-            router.metrics.requests.labels(spec.endpoint, str(getattr(e, "status", 500))).inc()
-            raise
-        headers = {"x-request-id": rid, **opened[0].timings.headers()}
-        if not spec.stream:
-            router.metrics.requests.labels(spec.endpoint, "200").inc()
-            return JSONResponse(body, headers=headers)
-    # the stream holds its own admission slot until it ends
-    router.in_flight += 1
+    deadline = router.deadline(request)
+    try:
+        await router.admission.acquire()
+    except APIError as e:
+        router.metrics.requests.labels(spec.endpoint, str(e.status)).inc()
+        raise
     router.metrics.in_flight.inc()
-    events = _stream_events(router, rid, spec, opened, started)
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    outcome = Outcome(router, spec.endpoint)
+    started = time.monotonic()
+    ids = [rid] if len(plans) == 1 else [f"{rid}-{i}" for i in range(len(plans))]
+    opened: list[GenerationStream] = []
+    try:
+        opened = await _until_disconnected(request, _open_all(router, ids, plans, deadline))
+        if not spec.stream:
+            body = await _until_disconnected(request, _collect(router, rid, spec, opened, started))
+    except BaseException as e:
+        outcome.status = str(getattr(e, "status", 499 if isinstance(e, asyncio.CancelledError) else 500))
+        await outcome.end(opened)
+        raise
+    headers = {"x-request-id": rid, **opened[0].timings.headers()}
+    if not spec.stream:
+        await outcome.end(opened)
+        return JSONResponse(body, headers=headers)
+    events = _stream_events(router, rid, spec, opened, started, outcome)
+
+    async def cleanup() -> None:
+        await events.aclose()  # NOTE: runs the generator's cleanup now, not when it is collected
+        await outcome.end(opened)
+
+    return CleanStreamingResponse(events, cleanup, media_type="text/event-stream", headers=headers)
+
+
+class Outcome:
+    """One request's admission slot and final status, given back and counted exactly once."""
+
+    def __init__(self, router: Router, endpoint: str) -> None:
+        self.router = router
+        self.endpoint = endpoint
+        self.status = "499"  # until something else is known: a stream never started was abandoned
+        self.ended = False
+
+    async def end(self, streams: list[GenerationStream]) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        for s in streams:
+            self.router.spawn(s.close())
+        self.router.admission.release()
+        self.router.metrics.in_flight.dec()
+        self.router.metrics.requests.labels(self.endpoint, self.status).inc()
+
+
+class CleanStreamingResponse(StreamingResponse):
+    """A streamed response whose cleanup runs however it ends, even when the client left before it began."""
+
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._cleanup())
+
+
+async def _open_all(
+    router: Router, ids: list[str], plans: list[tuple[list[int], SamplingParams]], deadline: float | None
+) -> list[GenerationStream]:
+    """Every prompt up to its first token, concurrently; if one fails, the others are closed."""
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        async with asyncio.timeout(timeout):
+            if len(plans) == 1:
+                return [await router.dispatcher.open(ids[0], *plans[0], deadline)]
+            tasks = [
+                asyncio.ensure_future(router.dispatcher.open(i, prompt, params, deadline))
+                for i, (prompt, params) in zip(ids, plans, strict=True)
+            ]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                for r in await asyncio.gather(*tasks, return_exceptions=True):
+                    if isinstance(r, GenerationStream):
+                        router.spawn(r.close())
+                raise
+    except TimeoutError:
+        raise APIError(504, "the request ran past its deadline before its first token") from None
 
 
 async def _collect(
@@ -448,7 +581,8 @@ async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, D
             yield 0, d
         yield 0, None
         return
-    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+    # NOTE: bounded, so a client that reads slowly stops the reads from the workers instead of growing memory
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue(MERGE_BUFFER)
 
     async def pump(index: int, s: GenerationStream) -> None:
         try:
@@ -475,10 +609,10 @@ async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, D
 
 
 async def _stream_events(
-    router: Router, rid: str, spec: Spec, streams: list[GenerationStream], started: float
+    router: Router, rid: str, spec: Spec, streams: list[GenerationStream], started: float, outcome: Outcome
 ) -> AsyncIterator[str]:
     created = int(time.time())
-    status = "200"
+    outcome.status = "200"
     try:
         if spec.chat:
             yield R.sse(R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}))
@@ -515,15 +649,9 @@ async def _stream_events(
             )
         yield R.sse("[DONE]")
     except APIError as e:
-        status = str(e.status)
+        outcome.status = str(e.status)
         yield R.sse(e.body())
         yield R.sse("[DONE]")
-    except asyncio.CancelledError:
-        status = "499"
+    except (asyncio.CancelledError, GeneratorExit):
+        outcome.status = "499"
         raise
-    finally:
-        for s in streams:
-            router.spawn(s.close())
-        router.metrics.requests.labels(spec.endpoint, status).inc()
-        router.in_flight -= 1
-        router.metrics.in_flight.dec()

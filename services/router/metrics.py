@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -82,3 +84,42 @@ class RouterMetrics:
             ["role", "address"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "pdmesh_router_breaker_state",
+            "The worker's circuit breaker in this router: 0 closed, 1 half open (probing), 2 open",
+            ["role", "address"],
+            registry=r,
+        )
+        self.breaker_trips = Counter(
+            "pdmesh_router_breaker_trips",
+            "Times the worker's circuit breaker opened",
+            ["role", "address"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "pdmesh_router_retries",
+            "Requests retried on another worker after this one failed before the first token",
+            ["role", "address"],
+            registry=r,
+        )
+        self.admission_waiting = Gauge(
+            "pdmesh_router_admission_waiting",
+            "Requests waiting for a slot (beyond --max-in-flight)",
+            registry=r,
+        )
+        self._per_worker = (
+            self.worker_up,
+            self.worker_kv_used,
+            self.worker_kv_total,
+            self.worker_running,
+            self.worker_bytes,
+            self.kv_index_blocks,
+            self.kv_events_age,
+            self.breaker_state,
+        )
+
+    def forget_worker(self, role: str, address: str) -> None:
+        """Drop the gauges of a worker that left the fleet (counters stay: they are history)."""
+        for gauge in self._per_worker:
+            with contextlib.suppress(KeyError):
+                gauge.remove(role, address)

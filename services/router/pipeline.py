@@ -4,14 +4,21 @@
 returned `GenerationStream` yields the tokens after it. Whatever ends a request early (client gone, worker
 failure, timeout), `GenerationStream.close()` / the failure path aborts every leg: the prefill worker confirms no
 KV write is in flight before the decode worker frees the blocks (otherwise the decode worker quarantines them).
+
+Retries: a worker that fails by its own fault before the first token (unreachable, crashed, broken stream, a KV
+transfer that failed) costs the request nothing the client saw, so the whole attempt is undone and made again
+on other workers (`--retries`, with jittered exponential backoff), under a fresh request id (the workers keep the
+old one's tombstone). Every such failure is counted by the worker's circuit breaker; a success resets it. After
+the first token nothing is retried: the client has seen output.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +29,35 @@ from services.common.logprob import TokenLogprob
 from services.common.sampling_params import SamplingParams
 from services.router.errors import APIError, from_grpc
 from services.router.workers import Worker, WorkerPool
+
+# the worker did nothing wrong (the request or the client did): no retry, no breaker count
+NOT_WORKER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
+
+
+class WorkerFailed(Exception):
+    """A worker failed a call by its own fault; `error` is what the client gets if no retry succeeds."""
+
+    def __init__(self, worker: Worker, error: APIError) -> None:
+        super().__init__(error.message)
+        self.worker = worker
+        self.error = error
+
+
+def worker_fault(error: grpc.aio.AioRpcError) -> bool:
+    return error.code() not in NOT_WORKER_FAULTS
+
 
 log = logging.getLogger("pdmesh.router")
 
@@ -34,6 +70,8 @@ class DispatchOptions:
     admission_timeout_s: float = 30.0  # how long to wait for KV capacity before answering 429
     abort_timeout_s: float = 35.0
     kv_checksum: bool = False
+    retries: int = 2  # further attempts on other workers after a worker failure before the first token
+    retry_backoff_s: float = 0.05  # first backoff; doubles per retry, with full jitter, at most 1 s
 
 
 @dataclass
@@ -72,6 +110,7 @@ class GenerationStream:
     worker: Worker | None = None
     pool: WorkerPool | None = None
     options: DispatchOptions = field(default_factory=DispatchOptions)
+    deadline: float | None = None  # monotonic; past it the request ends with 504
 
     @property
     def finished(self) -> bool:
@@ -79,7 +118,7 @@ class GenerationStream:
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self.finished:
-            chunk = self.pending.pop(0) if self.pending else await self._read()
+            chunk = self.pending.pop(0) if self.pending else await self.next_chunk()
             self.completion_tokens = chunk.completion_tokens or self.completion_tokens + len(chunk.token_ids)
             self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
             if chunk.finished:
@@ -94,86 +133,142 @@ class GenerationStream:
             )
 
     async def _read(self) -> pb.TokenChunk:
-        assert self.call is not None
+        """The next chunk; a failure of the worker's raises WorkerFailed (counted by its breaker)."""
+        assert self.call is not None and self.worker is not None
+        limit = self.options.token_timeout_s
+        if self.deadline is not None:
+            limit = min(limit, self.deadline - time.monotonic())
         try:
-            async with asyncio.timeout(
-                self.options.token_timeout_s
-            ):  # NOTE: no task per token, as wait_for makes
+            async with asyncio.timeout(max(limit, 0.0)):  # NOTE: no task per token, as wait_for makes
                 chunk = await self.call.read()
         except TimeoutError:
-            raise APIError(
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                raise APIError(504, "the request ran past its deadline (--request-timeout or x-pdmesh-timeout)") from None  # fmt: skip
+            error = APIError(
                 504, f"the {self.leg} worker sent nothing for {self.options.token_timeout_s:.0f}s"
-            ) from None
+            )
+            raise self._failed(error, "silent stream") from None
         except grpc.aio.AioRpcError as e:
-            if self.pool is not None and self.worker is not None and e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.pool.mark_down(self.worker, e.details() or "unavailable")
-            raise from_grpc(e, self.leg) from e
+            if not worker_fault(e):
+                raise from_grpc(e, self.leg) from e
+            raise self._failed(from_grpc(e, self.leg), e.details() or str(e.code()), e) from e
         if chunk is grpc.aio.EOF:
-            raise APIError(502, f"the {self.leg} worker ended the stream before the request finished")
+            error = APIError(502, f"the {self.leg} worker ended the stream before the request finished")
+            raise self._failed(error, "stream ended early") from None
         return chunk
+
+    def _failed(self, error: APIError, why: str, e: grpc.aio.AioRpcError | None = None) -> WorkerFailed:
+        assert self.worker is not None
+        if self.pool is not None:
+            down = e is not None and e.code() == grpc.StatusCode.UNAVAILABLE
+            self.pool.failed(self.worker, why, down=down)
+        return WorkerFailed(self.worker, error)
+
+    async def next_chunk(self) -> pb.TokenChunk:
+        """After the first token: a worker failure is the client's error now (nothing can be retried)."""
+        try:
+            return await self._read()
+        except WorkerFailed as e:
+            raise e.error from None
 
     async def close(self) -> None:
         """Abort the decode leg if the request did not finish (idempotent)."""
+        worker = self.worker
         if self.call is not None and not self.finished:
             self.call.cancel()
-            if self.worker is not None and self.leg == "decode":
+            if worker is not None and self.leg == "decode":
                 # the prefill worker answered, so every KV write into these blocks has ended
                 release = pb.ReleaseRequest(request_id=self.request_id, writer_done=True)
-                await _quietly(self.worker.decode.Release(release, timeout=5))
-            elif self.worker is not None:
-                await _quietly(
-                    self.worker.colocated.Abort(pb.AbortRequest(request_id=self.request_id), timeout=5)
-                )
+                await _quietly(lambda: worker.decode.Release(release, timeout=5))
+            elif worker is not None:
+                abort = pb.AbortRequest(request_id=self.request_id)
+                await _quietly(lambda: worker.colocated.Abort(abort, timeout=5))
         self.call = None
 
 
-async def _quietly(awaitable) -> None:  # type: ignore[no-untyped-def]
+async def _quietly(call: Callable[[], Awaitable[object]]) -> None:
+    """A cleanup call whose failure changes nothing (the worker may be gone, its channel closing)."""
     try:
-        await awaitable
-    except grpc.aio.AioRpcError as e:
-        log.debug("cleanup call failed: %s", e.details())
+        await call()
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError) as e:
+        log.debug("cleanup call failed: %s", e)
 
 
 class Dispatcher:
-    def __init__(self, pool: WorkerPool, options: DispatchOptions) -> None:
+    def __init__(
+        self, pool: WorkerPool, options: DispatchOptions, on_retry: Callable[[Worker], None] | None = None
+    ) -> None:
         self.pool = pool
         self.options = options
+        self.on_retry = on_retry
 
-    async def open(self, request_id: str, prompt: list[int], params: SamplingParams) -> GenerationStream:
+    async def open(
+        self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float | None = None
+    ) -> GenerationStream:
+        """Up to the first token in hand, retrying worker failures on other workers; APIError otherwise."""
         started = time.monotonic()
-        if self.pool.mode == "colocated":
-            stream = await self._open_colocated(request_id, prompt, params, started)
-        else:
-            stream = await self._open_pd(request_id, prompt, params, started)
-        if stream.call is not None:  # the first token is in hand before anything is sent to the client
+        excluded: set[str] = set()
+        for attempt in range(self.options.retries + 1):
+            rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
             try:
-                first = await stream._read()
-            except BaseException:
-                await stream.close()
-                raise
-            finally:
-                if stream.leg == "colocated" and stream.worker is not None:
-                    stream.worker.settle()  # its prompt is computed (or abandoned)
-            stream.pending.append(first)
-            if first.HasField("timings"):
-                ft = first.timings
-                t = stream.timings
-                t.queue_ms = t.queue_ms or ft.queue_ms
-                t.prefill_ms = t.prefill_ms or ft.prefill_ms
-                t.first_decode_ms = ft.first_decode_ms
-        t = stream.timings
-        t.ttft_ms = (time.monotonic() - started) * 1e3
-        t.router_ms = max(0.0, t.ttft_ms - t.queue_ms - t.prefill_ms - t.transfer_ms - t.first_decode_ms)
+                stream = await self._attempt(rid, prompt, params, started, excluded)
+            except WorkerFailed as e:
+                excluded.add(e.worker.address)
+                backoff = random.uniform(0, min(1.0, self.options.retry_backoff_s * 2**attempt))
+                late = deadline is not None and time.monotonic() + backoff >= deadline
+                if attempt == self.options.retries or late:
+                    raise e.error from None
+                log.warning(
+                    "%s: %s worker %s failed before the first token (%s); retrying on another",
+                    request_id, e.worker.role, e.worker.address, e.error.message,
+                )  # fmt: skip
+                if self.on_retry is not None:
+                    self.on_retry(e.worker)
+                await asyncio.sleep(backoff)
+                continue
+            stream.deadline = deadline
+            t = stream.timings
+            t.ttft_ms = (time.monotonic() - started) * 1e3
+            t.router_ms = max(0.0, t.ttft_ms - t.queue_ms - t.prefill_ms - t.transfer_ms - t.first_decode_ms)
+            return stream
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
+    ) -> GenerationStream:
+        if self.pool.mode == "colocated":
+            stream = await self._open_colocated(rid, prompt, params, started, excluded)
+        else:
+            stream = await self._open_pd(rid, prompt, params, started, excluded)
+        if stream.call is None:  # PD: the first token already ended the request
+            return stream
+        try:  # the first token is in hand before anything is sent to the client
+            first = await stream._read()
+        except BaseException:
+            await stream.close()
+            raise
+        finally:
+            if stream.leg == "colocated" and stream.worker is not None:
+                stream.worker.settle()  # its prompt is computed (or abandoned)
+        assert stream.worker is not None
+        self.pool.succeeded(stream.worker)
+        stream.pending.append(first)
+        if first.HasField("timings"):
+            ft = first.timings
+            t = stream.timings
+            t.queue_ms = t.queue_ms or ft.queue_ms
+            t.prefill_ms = t.prefill_ms or ft.prefill_ms
+            t.first_decode_ms = ft.first_decode_ms
         return stream
 
     async def _open_colocated(
-        self, rid: str, prompt: list[int], params: SamplingParams, started: float
+        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
     ) -> GenerationStream:
-        worker = await self.pool.pick_live("colocated", prompt=prompt)
+        worker = await self.pool.pick_live("colocated", exclude=excluded, prompt=prompt)
         call = worker.colocated.Generate(
             pb.ColocatedRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params))
         )
-        stream = GenerationStream(
+        return GenerationStream(
             rid,
             len(prompt),
             started,
@@ -183,49 +278,43 @@ class Dispatcher:
             pool=self.pool,
             options=self.options,
         )
-        return stream
 
     async def _open_pd(
-        self, rid: str, prompt: list[int], params: SamplingParams, started: float
+        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
     ) -> GenerationStream:
         sampling = sampling_to_proto(params)
-        decode, destination = await self._reserve(rid, prompt, sampling)
-        tried: set[str] = set()
-        while True:
-            try:
-                prefill = await self.pool.pick_live("prefill", exclude=tried, prompt=prompt)
-            except BaseException:  # no prefill worker can take it (or the client left): nothing was written
-                await asyncio.shield(self._release(decode, rid, writer_done=True))
+        decode, destination = await self._reserve(rid, prompt, sampling, excluded)
+        try:
+            prefill = await self.pool.pick_live("prefill", exclude=excluded, prompt=prompt)
+        except BaseException:  # no prefill worker can take it (or the client left): nothing was written
+            await asyncio.shield(self._release(decode, rid, writer_done=True))
+            raise
+        request = pb.PrefillRequest(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            destination=destination,
+            kv_checksum=self.options.kv_checksum,
+        )
+        try:
+            response = await prefill.prefill.Prefill(request, timeout=self.options.prefill_timeout_s)
+        except BaseException as e:  # failed, cancelled (client gone) or anything unexpected
+            prefill.settle()
+            writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
+            await asyncio.shield(self._release(decode, rid, writer_done))
+            if not isinstance(e, grpc.aio.AioRpcError):
                 raise
-            request = pb.PrefillRequest(
-                request_id=rid,
-                prompt_token_ids=prompt,
-                sampling=sampling,
-                destination=destination,
-                kv_checksum=self.options.kv_checksum,
-            )
-            try:
-                response = await prefill.prefill.Prefill(request, timeout=self.options.prefill_timeout_s)
-                prefill.settle()
-                break
-            except grpc.aio.AioRpcError as e:
-                prefill.settle()
-                writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.pool.mark_down(prefill, e.details() or "unavailable")
-                    tried.add(prefill.address)
-                    if any(w.healthy and w.address not in tried for w in self.pool.of_role("prefill")):
-                        log.warning(
-                            "prefill worker %s failed on %s; retrying on another", prefill.address, rid
-                        )
-                        continue  # the reservation stays: the next prefill worker rewrites every block
-                await asyncio.shield(self._release(decode, rid, writer_done))
+            if not worker_fault(e):
                 raise from_grpc(e, "prefill") from e
-            except BaseException:  # cancelled (client gone) or anything unexpected
-                prefill.settle()
-                writer_done = await asyncio.shield(self._abort_prefill(prefill, rid))
-                await asyncio.shield(self._release(decode, rid, writer_done))
-                raise
+            # ABORTED: the KV never landed (the write failed, or the decode worker's lease lapsed); the prefill
+            # worker computed fine, so the destination takes the blame (else one bad decode worker would trip
+            # every prefill worker's breaker)
+            culprit = decode if e.code() == grpc.StatusCode.ABORTED else prefill
+            down = e.code() == grpc.StatusCode.UNAVAILABLE
+            self.pool.failed(culprit, e.details() or str(e.code()), down=down)
+            raise WorkerFailed(culprit, from_grpc(e, "prefill")) from e
+        prefill.settle()
+        self.pool.succeeded(prefill)
         stream = GenerationStream(
             rid, len(prompt), started, worker=decode, pool=self.pool, options=self.options
         )
@@ -257,7 +346,7 @@ class Dispatcher:
         return stream
 
     async def _reserve(
-        self, rid: str, prompt: list[int], sampling: pb.SamplingParams
+        self, rid: str, prompt: list[int], sampling: pb.SamplingParams, excluded: set[str]
     ) -> tuple[Worker, pb.KvDestination]:
         """A decode reservation; waits (up to admission_timeout_s) while every decode worker is full."""
         deadline = time.monotonic() + self.options.admission_timeout_s
@@ -266,23 +355,25 @@ class Dispatcher:
             full: set[str] = set()
             while True:
                 try:
-                    decode = await self.pool.pick_live("decode", exclude=full, prompt=prompt)
+                    decode = await self.pool.pick_live("decode", exclude=excluded | full, prompt=prompt)
                 except APIError:
                     break
                 request = pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
                 try:
                     reply = await decode.decode.Reserve(request, timeout=self.options.reserve_timeout_s)
+                    self.pool.succeeded(decode)
                     return decode, reply.destination
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         full.add(decode.address)
                         continue
                     # the worker may have reserved before the call failed (deadline): hold nothing for us
-                    await self._release(decode, rid, writer_done=True)
-                    if e.code() == grpc.StatusCode.UNAVAILABLE:
-                        self.pool.mark_down(decode, e.details() or "unavailable")
-                    else:
+                    await asyncio.shield(self._release(decode, rid, writer_done=True))
+                    if not worker_fault(e):
                         raise from_grpc(e, "decode") from e
+                    down = e.code() == grpc.StatusCode.UNAVAILABLE
+                    self.pool.failed(decode, e.details() or str(e.code()), down=down)
+                    raise WorkerFailed(decode, from_grpc(e, "decode")) from e
                 except BaseException:  # the client left mid-call: undo whatever the worker reserved
                     await asyncio.shield(self._release(decode, rid, writer_done=True))
                     raise
@@ -308,6 +399,5 @@ class Dispatcher:
             return False
 
     async def _release(self, decode: Worker, rid: str, writer_done: bool) -> None:
-        await _quietly(
-            decode.decode.Release(pb.ReleaseRequest(request_id=rid, writer_done=writer_done), timeout=5)
-        )
+        release = pb.ReleaseRequest(request_id=rid, writer_done=writer_done)
+        await _quietly(lambda: decode.decode.Release(release, timeout=5))
