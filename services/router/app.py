@@ -196,6 +196,11 @@ class Router:
             raise APIError(
                 503, self.startup_error or "the router is still waiting for its workers; retry shortly."
             )
+        missing = [r for r in self.pool.roles if not self.pool.of_role(r)]  # all left (discovery lists none)
+        if missing:
+            raise APIError(
+                503, f"no healthy {' or '.join(missing)} worker is available; check the workers and retry."
+            )
 
     def check_lengths(self, prompt: list[int], requested: int | None, default: int | None) -> int:
         """The max_tokens to use; 400 when prompt plus output cannot fit."""

@@ -131,6 +131,9 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
         raise ValueError("--request-timeout must be a positive number of seconds")
     kubernetes = None
     if args.kubernetes_selector:
+        from services.router.discovery_kubernetes import parse_selector
+
+        parse_selector(args.kubernetes_selector)  # a malformed selector is a usage error, now
         kubernetes = KubernetesDiscovery(
             args.kubernetes_selector,
             args.kubernetes_namespace,

@@ -208,10 +208,12 @@ class WorkerPool:
         self.became_ready = True
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        return MODE_ROLES[self.mode] if self.mode is not None else ()
+
+    @property
     def ready(self) -> bool:
-        if self.mode is None:
-            return False
-        return all(any(w.usable for w in self.of_role(r)) for r in MODE_ROLES[self.mode])
+        return bool(self.roles) and all(any(w.usable for w in self.of_role(r)) for r in self.roles)
 
     # ---- picking -------------------------------------------------------------------------------------------
     def pick(
