@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,12 +25,15 @@ class ColocatedService(pb_grpc.ColocatedServicer):
         self, request: pb.ColocatedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TokenChunk]:
         rid = request.request_id
+        arrival = time.monotonic()
         stream = self.aengine.open_stream(rid)
         finished = False
         try:
             try:
                 params = sampling_from_proto(request.sampling)
-                await self.aengine.call(self.engine.add_request, rid, list(request.prompt_token_ids), params)
+                await self.aengine.call(
+                    self.engine.add_request, rid, list(request.prompt_token_ids), params, arrival
+                )
             except RequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             first = True

@@ -1,13 +1,16 @@
 """Drive an Engine from asyncio: the engine steps on its own thread; callers submit calls and read streams.
 
 The engine is not thread-safe, so every call that touches it runs on the engine thread, between steps
-(`await call(fn, ...)`). Each request's outputs go to its own asyncio queue. If a step raises, every open
-stream receives the error and the engine aborts those requests, so no caller hangs and no block leaks.
+(`await call(fn, ...)`, or `post(fn, ...)` when nobody waits for it). Each request's outputs go to its own
+asyncio queue, a step's outputs in one hop to the event loop; a reader that fell behind gets what piled up as
+one merged output (one message to send, not one per token). If a step raises, every open stream receives the
+error and the engine aborts those requests, so no caller hangs and no block leaks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -32,7 +35,7 @@ class AsyncEngine:
     ) -> None:
         self.engine = engine
         self.after_step = after_step
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any] | None] | None] = (
             queue.SimpleQueue()
         )
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -60,6 +63,17 @@ class AsyncEngine:
         self._calls.put((lambda: fn(*args), future))
         return await future
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) on the engine thread between steps, without waiting for it (errors are logged)."""
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+
+        self._calls.put((run, None))
+
     def open_stream(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = q
@@ -71,6 +85,12 @@ class AsyncEngine:
         """A request's outputs from its stream until it finishes; raises EngineFailure if a step failed."""
         while True:
             item = await stream.get()
+            while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                following = stream.get_nowait()
+                if isinstance(following, BaseException):
+                    item = following
+                    break
+                item = merge_outputs(item, following)
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -96,8 +116,8 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            if outputs and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._deliver_step, outputs)
 
     def _run_calls(self, block: bool) -> None:
         try:
@@ -118,7 +138,10 @@ class AsyncEngine:
                 return
         self._stopping = True
 
-    def _resolve(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    def _resolve(self, future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
+        if future is None:  # posted: nobody waits
+            return
+
         def settle() -> None:
             if future.cancelled():
                 return
@@ -130,6 +153,13 @@ class AsyncEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(settle)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """On the event loop: every output of one step to its stream."""
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         q = self._streams.get(request_id)
         if q is not None and self._loop is not None:
@@ -140,3 +170,16 @@ class AsyncEngine:
         for request_id in list(self.engine.seqs):
             self.engine.abort(request_id)
             self._deliver(request_id, failure)
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: b's state, both steps' tokens (a's first-token timings)."""
+    return dataclasses.replace(
+        b,
+        new_token_ids=a.new_token_ids + b.new_token_ids,
+        new_text=a.new_text + b.new_text,
+        new_logprobs=a.new_logprobs + b.new_logprobs,
+        queue_s=a.queue_s if a.queue_s is not None else b.queue_s,
+        prefill_s=a.prefill_s if a.prefill_s is not None else b.prefill_s,
+        emitted=a.emitted,
+    )

@@ -218,9 +218,16 @@ class Engine:
                 "(prompt plus output). Shorten the prompt."
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
+    ) -> None:
+        """`arrival` (monotonic): when the request reached the worker, if earlier than now (its queue time
+        then includes the wait for the engine thread to finish the step it was running)."""
         self.check_request(prompt_ids, params)
-        self.scheduler.add(self._new_seq(request_id, prompt_ids, params))
+        seq = self._new_seq(request_id, prompt_ids, params)
+        if arrival is not None:
+            seq.arrival_time = min(arrival, seq.arrival_time)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)

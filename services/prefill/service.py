@@ -51,10 +51,11 @@ class PrefillService(pb_grpc.PrefillServicer):
         destination: KvDestination,
         checksum: bool,
         lease_until: float,
+        arrival: float,
     ) -> None:
         if request_id in self._aborted:
             raise RequestError(f"request {request_id} was aborted.")
-        self.engine.add_request(request_id, prompt, params)
+        self.engine.add_request(request_id, prompt, params, arrival)
         try:
             self.sender.begin(request_id, destination, len(prompt), checksum, lease_until)
         except ValueError as e:
@@ -97,6 +98,7 @@ class PrefillService(pb_grpc.PrefillServicer):
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         rid = request.request_id
+        arrival = time.monotonic()
         try:
             params = sampling_from_proto(request.sampling)
         except RequestError as e:
@@ -125,6 +127,7 @@ class PrefillService(pb_grpc.PrefillServicer):
                     destination,
                     request.kv_checksum,
                     lease_until,
+                    arrival,
                 )
             except RequestError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -136,7 +139,8 @@ class PrefillService(pb_grpc.PrefillServicer):
                 transfer = await self._landed(rid)
             except TransferError as e:
                 await context.abort(grpc.StatusCode.ABORTED, f"KV transfer to the decode worker failed: {e}")
-            await self.aengine.call(self._forget, rid)
+            # NOTE: not awaited: the answer need not wait for the engine thread to end the step it is running
+            self.aengine.post(self._forget, rid)
             done = True
             landed = transfer.finished or time.monotonic()
             response = pb.PrefillResponse(

@@ -208,11 +208,16 @@ class Dispatcher:
         """Up to the first token in hand, retrying worker failures on other workers; APIError otherwise."""
         started = time.monotonic()
         excluded: set[str] = set()
+        failure: APIError | None = None  # of the last attempt
         for attempt in range(self.options.retries + 1):
             rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
             try:
                 stream = await self._attempt(rid, prompt, params, started, excluded)
+            except APIError as e:
+                # no other worker left to retry on: the client learns what went wrong with the last one
+                raise failure if failure is not None and e.status == 503 else e from None
             except WorkerFailed as e:
+                failure = e.error
                 excluded.add(e.worker.address)
                 backoff = random.uniform(0, min(1.0, self.options.retry_backoff_s * 2**attempt))
                 late = deadline is not None and time.monotonic() + backoff >= deadline
