@@ -65,6 +65,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         choices=POLICIES,
         help="how the router picks workers",
     )
+    parser.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router replicas sharing the port (each its own process with its own view of the fleet)",
+    )
     parser.add_argument("--api-key", help="require this API key at the router")
     parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
 
@@ -233,11 +239,19 @@ def run_cluster(args: argparse.Namespace) -> int:
         router_argv.append("--kv-checksum")
     if args.api_key:
         router_argv += ["--api-key", args.api_key]
-    cluster.start("router", router_argv)
+    if args.routers < 1:
+        print("pdmesh up: error: --routers must be at least 1", file=sys.stderr)
+        return 2
+    if args.routers == 1:
+        cluster.start("router", router_argv)
+    else:  # replicas on one port: the kernel spreads connections over them (SO_REUSEPORT)
+        for i in range(args.routers):
+            cluster.start(f"router-{i}", [*router_argv, "--reuse-port"])
 
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     workers = ", ".join(f"{len(a)} {r}" for r, a in addresses.items())
-    print(f"pdmesh: starting {workers} worker(s) and a router on {url} (logs: {log_dir})", flush=True)
+    routers = "a router" if args.routers == 1 else f"{args.routers} router replicas"
+    print(f"pdmesh: starting {workers} worker(s) and {routers} on {url} (logs: {log_dir})", flush=True)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     ready = False
     try:

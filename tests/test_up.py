@@ -133,3 +133,83 @@ def test_up_restarts_a_worker_that_dies(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_up_with_router_replicas_on_one_port(tmp_path: Path) -> None:
+    """`--routers 2`: two router processes share the port; killing one leaves the other serving every request,
+    and `up` starts it again."""
+    port = free_port()
+    env = {**os.environ, "PDMESH_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+    argv = ["up", "--port", str(port), "--mode", "colocated", "--routers", "2", "--num-blocks", "512"]
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *argv, "--device", "cpu"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    request = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+
+    def replicas(n: int) -> set[str]:
+        seen = set()
+        for _ in range(n):  # a new connection each time: the kernel picks a replica per connection
+            try:
+                health = httpx.get(f"{url}/health", timeout=5)
+            except httpx.HTTPError:
+                continue
+            if health.status_code == 200:
+                seen.add(health.json()["replica"])
+        return seen
+
+    try:
+        wait_until(lambda: "ready at" in (tmp_path / "up.log").read_text(), 120, "pdmesh up to be ready")
+        assert "2 router replicas" in (tmp_path / "up.log").read_text()
+        wait_until(lambda: len(replicas(20)) == 2, 30, "both replicas to answer")
+        victim = int(sorted(replicas(20))[0].rsplit(":", 1)[1])
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{victim}/cmdline").exists(), 10, "the replica to be gone")
+        for _ in range(8):  # every new connection now reaches the surviving replica
+            r = httpx.post(f"{url}/v1/completions", json=request, timeout=30)
+            assert r.status_code == 200, r.text
+        wait_until(lambda: "router-" in (tmp_path / "up.log").read_text() and len(replicas(20)) == 2, 60, "the restart")  # fmt: skip
+        assert f":{victim}" not in "".join(replicas(20))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_router_processes_on_one_port(llama_checkpoint: Path, tmp_path: Path) -> None:
+    """`pdmesh router --workers 2`: two processes behind one port, both serving."""
+    from tests.cluster import Cluster
+
+    cluster = Cluster(llama_checkpoint, tmp_path)
+    try:
+        cluster.worker("colocated")
+        cluster.wait_workers()
+        cluster.router("--workers", "2")
+        cluster.wait_ready()
+        seen: set[str] = set()
+        wait_until(
+            lambda: (
+                seen.update(
+                    httpx.get(f"{cluster.url}/health", timeout=5).json()["replica"] for _ in range(10)
+                )
+                or len(seen) == 2
+            ),
+            30,
+            "both router processes to answer",
+        )
+        body = {"model": llama_checkpoint.name, "prompt": "hello", "max_tokens": 4}
+        assert all(httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=30).status_code == 200 for _ in range(6))  # fmt: skip
+        router = cluster.procs[-1]
+        router.stop()
+        assert router.popen.returncode == 0
+        time.sleep(0.5)
+        assert not children(router.popen.pid)  # the supervisor took its processes down with it
+    finally:
+        cluster.stop()

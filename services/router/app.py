@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +38,7 @@ from services.router.workers import ROLES, Worker, WorkerPool, static_members
 log = logging.getLogger("pdmesh.router")
 DISCONNECT_POLL_S = 0.25
 TIMEOUT_HEADER = "x-pdmesh-timeout"
+REPLICA = f"{socket.gethostname()}:{os.getpid()}"
 MERGE_BUFFER = 4  # chunks waiting between the workers' streams of one request and its client
 
 
@@ -340,7 +343,12 @@ def create_app(config: RouterConfig) -> FastAPI:
             for w in router.pool.workers
         ]
         ok = router.ready and router.pool.ready
-        body = {"status": "ok" if ok else "unavailable", "mode": router.pool.mode, "workers": workers}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "mode": router.pool.mode,
+            "replica": REPLICA,  # which router process answered (several may share the port)
+            "workers": workers,
+        }
         if router.startup_error:
             body["error"] = router.startup_error
         return JSONResponse(body, status_code=200 if ok else 503)
