@@ -3,7 +3,7 @@ sustains. Stand-in workers (this benchmark only) implement the gRPC contract and
 measured is the router's (HTTP parsing, tokenization, routing, three gRPC legs, SSE).
 
     python bench/router.py                           # PD mode, 32 concurrent streams of 128 tokens
-    python bench/router.py --mode colocated --streams 64 --tokens 256
+    python bench/router.py --streams 64 --router-workers 4 --clients 4   # 4 router processes on one port
 
 Baseline, in the same run: the same streams read straight from the stand-in workers over gRPC (Reserve,
 Prefill, Generate for PD; Generate for colocated), without the router. Router-added TTFT = the client's TTFT
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import statistics
 import subprocess
@@ -157,6 +158,25 @@ async def direct(
         return ttfts, total, time.perf_counter() - began
 
 
+def _client(job: tuple[str, str, str, int, int, int]) -> tuple[list[float], int, float]:
+    kind, url_or_prefill, decode, streams, tokens, rounds = job
+    if kind == "router":
+        return asyncio.run(through_router(url_or_prefill, streams, tokens, rounds))
+    return asyncio.run(direct(url_or_prefill, decode, streams, tokens, rounds))
+
+
+def measure(
+    kind: str, target: str, decode: str, streams: int, tokens: int, rounds: int, clients: int
+) -> tuple[list[float], int, float]:
+    """The streams split over `clients` client processes (one Python client tops out before a fleet of routers)."""
+    if clients == 1:
+        return _client((kind, target, decode, streams, tokens, rounds))
+    jobs = [(kind, target, decode, streams // clients, tokens, rounds) for _ in range(clients)]
+    with concurrent.futures.ProcessPoolExecutor(clients) as pool:
+        results = list(pool.map(_client, jobs))
+    return [t for r in results for t in r[0]], sum(r[1] for r in results), max(r[2] for r in results)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stand-in", choices=["prefill", "decode", "colocated"], help=argparse.SUPPRESS)
@@ -165,6 +185,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="streamed tokens per request")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--policy", default="kv_aware")
+    ap.add_argument("--router-workers", type=int, default=1, help="router processes on the port")
+    ap.add_argument("--clients", type=int, default=1, help="client processes sharing the streams")
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
     if args.stand_in:
@@ -186,7 +208,7 @@ def main() -> None:
         router = [
             "-m", "services.cli", "router", "--model", str(default_model_dir()), "--served-model-name", "tiny",
             "--port", str(ports["router"]), "--prefill", addr["prefill"], "--decode", addr["decode"],
-            "--policy", args.policy,
+            "--policy", args.policy, "--workers", str(args.router_workers),
         ]  # fmt: skip
         procs.append(start(router))
         url = f"http://127.0.0.1:{ports['router']}"
@@ -200,10 +222,9 @@ def main() -> None:
             assert time.monotonic() < deadline, "the router did not come up"
             time.sleep(0.2)
         asyncio.run(through_router(url, args.streams, args.tokens, 1))  # warm-up
-        base_ttft, base_tokens, base_s = asyncio.run(
-            direct(addr["prefill"], addr["decode"], args.streams, args.tokens, args.rounds)
-        )
-        ttft, tokens, seconds = asyncio.run(through_router(url, args.streams, args.tokens, args.rounds))
+        shape = (args.streams, args.tokens, args.rounds, args.clients)
+        base_ttft, base_tokens, base_s = measure("direct", addr["prefill"], addr["decode"], *shape)
+        ttft, tokens, seconds = measure("router", url, "", *shape)
     finally:
         for p in procs:
             p.terminate()
@@ -211,7 +232,8 @@ def main() -> None:
     b50, r50 = statistics.median(base_ttft) * 1e3, statistics.median(ttft) * 1e3
     b_rate, r_rate = base_tokens / base_s, tokens / seconds
     print(f"router overhead, PD mode, stand-in workers, {args.streams} concurrent streams x {args.tokens} tokens, "
-          f"{args.rounds} rounds, policy {args.policy}")  # fmt: skip
+          f"{args.rounds} rounds, policy {args.policy}, {args.router_workers} router process(es), "
+          f"{args.clients} client process(es)")  # fmt: skip
     print(
         f"  TTFT p50   direct gRPC (baseline): {b50:8.2f} ms   through the router: {r50:8.2f} ms   added: {r50 - b50:7.2f} ms"
     )

@@ -7,13 +7,16 @@ from pdmesh.v1 import worker_pb2 as pb
 from services.common.logprob import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
+# The smallest positive float32: a positive top_p below it would arrive as 0, which is not a top_p.
+FLOAT32_TINY = 2.0**-149
+
 
 def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(
         max_tokens=p.max_tokens,
         temperature=p.temperature,
         top_k=p.top_k,
-        top_p=p.top_p,
+        top_p=max(p.top_p, FLOAT32_TINY),
         min_p=p.min_p,
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from services.common.errors import RequestError
@@ -9,6 +10,9 @@ from services.common.errors import RequestError
 MAX_LOGPROBS = 20
 INT32_MAX = 2**31 - 1  # the gRPC contract's field widths: a larger value cannot cross to a worker
 INT64_RANGE = range(-(2**63), 2**63)
+# As vLLM: a smaller positive temperature samples greedily. Logits divided by a float32 temperature near its
+# smallest values overflow to inf, and the draw from NaN probabilities is garbage.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -16,8 +20,8 @@ class SamplingParams:
     """How to pick each next token and when to stop.
 
     Order of application (as in `transformers`' warpers): presence/frequency penalties, temperature, top-k,
-    top-p, min-p, then a draw. `temperature == 0` is greedy. Logprobs are those of the model's raw distribution
-    (log-softmax of the logits before any of the above).
+    top-p, min-p, then a draw. `temperature == 0` is greedy (a temperature below GREEDY_TEMPERATURE is stored as 0).
+    Logprobs are those of the model's raw distribution (log-softmax of the logits before any of the above).
     """
 
     max_tokens: int = 16
@@ -45,7 +49,10 @@ class SamplingParams:
                 isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT32_MAX,
                 f"max_tokens must be an integer in [1, {INT32_MAX}]",
             ),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (
+                self.temperature >= 0 and math.isfinite(self.temperature),
+                "temperature must be a finite number >= 0 (0 means greedy)",
+            ),
             (
                 isinstance(self.top_k, int) and -1 <= self.top_k <= INT32_MAX,
                 "top_k must be -1, 0 (off) or a positive integer",
@@ -68,6 +75,8 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(f"{message}.")
+        if self.temperature < GREEDY_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:

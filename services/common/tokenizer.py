@@ -106,6 +106,8 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise RequestError(f"the chat template rejected these messages: {e}") from e
+        except Exception as e:  # a model's template indexing or looping over a field of the wrong shape
+            raise RequestError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
     def encode_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kw: Any

@@ -8,11 +8,45 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from services.common.errors import RequestError
 from services.common.sampling_params import MAX_LOGPROBS, SamplingParams
 from services.router.errors import APIError
+
+# Names the chat template is rendered with already: a chat_template_kwargs entry may not set them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token", "self")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """Where in a parsed JSON body a string holds a lone surrogate (a valid JSON escape such as \\ud800 that is no
+    Unicode character: the tokenizer, gRPC and JSON responses cannot encode it); None when there is none."""
+    stack: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while stack:  # NOTE: a loop, not recursion: JSON nesting is as deep as the client likes
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return ".".join(path) or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_unicode(str(key)):
+                    return ".".join((*path, str(key).encode("utf-8", "backslashreplace").decode()))
+                if isinstance(item, str | dict | list):
+                    stack.append(((*path, str(key)), item))
+        elif isinstance(value, list):
+            stack.extend(
+                ((*path, str(i)), item) for i, item in enumerate(value) if isinstance(item, str | dict | list)
+            )
+    return None
 
 
 class StreamOptions(BaseModel):
@@ -43,6 +77,18 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # add each choice's generated token ids (as vLLM does)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{where} is not valid Unicode: it holds a lone UTF-16 surrogate (\\ud800-\\udfff).",
+                {"where": where},
+            )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -106,6 +152,10 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # typed as OpenAI's, since chat templates iterate and index them
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -116,7 +166,10 @@ class ChatMessage(BaseModel):
                 raise APIError(
                     400, f"message content of type '{part.get('type')}' is not supported; send text."
                 )
-            parts.append(str(part.get("text", "")))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise APIError(400, "a text part's 'text' must be a string.", param="messages")
+            parts.append(text)
         return "".join(parts)
 
 
@@ -130,6 +183,18 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = [k for k in RESERVED_TEMPLATE_KWARGS if k in (v or {})]
+        if taken:
+            raise PydanticCustomError(
+                "reserved_template_kwarg",
+                "may not set '{name}': the template gets it from the request's own fields or the tokenizer.",
+                {"name": taken[0]},
+            )
+        return v
 
     def check_supported(self) -> None:
         super().check_supported()
