@@ -79,6 +79,16 @@ def test_tensor_parallel_worker_matches_one_process(tp_cluster: Cluster, dense: 
     assert after.used_blocks == 0 and after.waiting == 0
     assert after.computed_tokens >= sum(map(len, PROMPTS))
 
+    # the worker's prefix cache reaches the router's index (tensor-parallel ranks share one block table)
+    def indexed() -> float:
+        for line in httpx.get(f"{tp_cluster.url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("pdmesh_router_kv_index_blocks{") and worker.address in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    full_blocks = sum((len(p) - 1) // 4 for p in PROMPTS)  # block size 4 (WORKER)
+    wait_until(lambda: indexed() >= full_blocks, 10, "the router to index the worker's cached blocks")
+
 
 def test_disconnect_frees_every_rank(tp_cluster: Cluster, dense: Path) -> None:
     worker = tp_cluster.of_role("colocated")[0]
@@ -107,6 +117,15 @@ def test_data_parallel_expert_parallel_worker(moe: Path, tmp_path: Path) -> None
         after = load(worker.address)
         assert after.total_blocks == 2 * 300  # both replicas' caches
         assert after.used_blocks == 0
+        # each replica's own share, in the worker's report and in the router's metrics
+        assert [r.total_blocks for r in after.replicas] == [300, 300]
+
+        def replica_totals() -> list[float]:
+            metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+            prefix = "pdmesh_worker_replica_kv_blocks_total{"
+            return [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)]
+
+        wait_until(lambda: replica_totals() == [300.0, 300.0], 10, "the router's per-replica metrics")
         # every prompt token computed once, whichever replica served it
         assert after.computed_prompt_tokens == sum(map(len, PROMPTS))
         ranks = followers(worker.popen.pid)

@@ -262,6 +262,10 @@ class Engine:
         self.scheduler.release(request_id)
         self._forget(request_id)
 
+    def replica_loads(self) -> list[LoadCounts]:
+        """One engine is one data-parallel replica (a rank group reports each of its replicas)."""
+        return [self.load_counts()]
+
     def load_counts(self) -> LoadCounts:
         scheduler, allocator, runner = self.scheduler, self.allocator, self.runner
         return LoadCounts(

@@ -179,6 +179,7 @@ class Router:
                     m.worker_kv_total.labels(*labels).set(w.load.total_blocks)
                     m.worker_running.labels(*labels).set(w.load.running)
                     m.worker_bytes.labels(*labels).set(w.load.transferred_bytes)
+                    m.export_replicas(w.role, w.address, w.load.replicas)
             await asyncio.sleep(self.config.poll_interval_s)
 
     def spawn(self, coro: Awaitable[Any]) -> None:

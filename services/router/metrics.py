@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -107,6 +108,31 @@ class RouterMetrics:
             "Requests waiting for a slot (beyond --max-in-flight)",
             registry=r,
         )
+        self.replica_running = Gauge(
+            "pdmesh_worker_replica_running_requests",
+            "Running requests per data-parallel replica of the worker (--dp > 1)",
+            ["role", "address", "replica"],
+            registry=r,
+        )
+        self.replica_waiting = Gauge(
+            "pdmesh_worker_replica_waiting_requests",
+            "Waiting requests per data-parallel replica of the worker",
+            ["role", "address", "replica"],
+            registry=r,
+        )
+        self.replica_kv_used = Gauge(
+            "pdmesh_worker_replica_kv_blocks_used",
+            "KV blocks in use per data-parallel replica of the worker",
+            ["role", "address", "replica"],
+            registry=r,
+        )
+        self.replica_kv_total = Gauge(
+            "pdmesh_worker_replica_kv_blocks_total",
+            "KV blocks per data-parallel replica of the worker",
+            ["role", "address", "replica"],
+            registry=r,
+        )
+        self._replicas: dict[tuple[str, str], int] = {}  # (role, address) -> replicas exported
         self._per_worker = (
             self.worker_up,
             self.worker_kv_used,
@@ -118,8 +144,26 @@ class RouterMetrics:
             self.breaker_state,
         )
 
+    def export_replicas(self, role: str, address: str, replicas: Sequence[object]) -> None:
+        self._replicas[role, address] = len(replicas)
+        for i, r in enumerate(replicas):
+            labels = (role, address, str(i))
+            self.replica_running.labels(*labels).set(r.running)  # type: ignore[attr-defined]
+            self.replica_waiting.labels(*labels).set(r.waiting)  # type: ignore[attr-defined]
+            self.replica_kv_used.labels(*labels).set(r.used_blocks)  # type: ignore[attr-defined]
+            self.replica_kv_total.labels(*labels).set(r.total_blocks)  # type: ignore[attr-defined]
+
     def forget_worker(self, role: str, address: str) -> None:
         """Drop the gauges of a worker that left the fleet (counters stay: they are history)."""
         for gauge in self._per_worker:
             with contextlib.suppress(KeyError):
                 gauge.remove(role, address)
+        replica_gauges = (
+            self.replica_running,
+            self.replica_waiting,
+            self.replica_kv_used,
+            self.replica_kv_total,
+        )
+        for i in range(self._replicas.pop((role, address), 0)):
+            for gauge in replica_gauges:
+                gauge.remove(role, address, str(i))

@@ -72,7 +72,9 @@ class RankGroup:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)  # config, runtime, model_config, layout_fingerprint, ...
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
+    ) -> None:
         self._check_alive()
         self.engine.check_request(prompt_ids, params)  # refused here, before any rank sees it
         if request_id in self.seqs:
@@ -82,7 +84,8 @@ class RankGroup:
             live[replica] += 1
         replica = min(range(len(live)), key=live.__getitem__)
         self.seqs[request_id] = replica
-        self._pending.append(Call(replica, "add_request", (request_id, prompt_ids, params)))
+        # NOTE: the monotonic clock is the host's, so the arrival means the same on every rank
+        self._pending.append(Call(replica, "add_request", (request_id, prompt_ids, params, arrival)))
         self._busy = True
 
     def abort(self, request_id: str) -> bool:
@@ -112,6 +115,10 @@ class RankGroup:
             if out.finished:
                 self.seqs.pop(out.request_id, None)
         return outputs
+
+    def replica_loads(self) -> list[LoadCounts]:
+        """Each data-parallel replica's load, as of the last step."""
+        return list(self._loads)
 
     def load_counts(self) -> LoadCounts:
         """The whole worker's load: the sum over its replicas, as of the last step."""

@@ -23,7 +23,20 @@ KV_EVENTS_INTERVAL_S = 0.05
 
 
 def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
-    return pb.Load(**asdict(engine.load_counts()), transferred_bytes=transferred_bytes)
+    load = pb.Load(**asdict(engine.load_counts()), transferred_bytes=transferred_bytes)
+    replicas = engine.replica_loads()
+    if len(replicas) > 1:
+        load.replicas.extend(
+            pb.ReplicaLoad(
+                running=r.running,
+                waiting=r.waiting,
+                used_blocks=r.used_blocks,
+                total_blocks=r.total_blocks,
+                pending_tokens=r.pending_tokens,
+            )
+            for r in replicas
+        )
+    return load
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -73,10 +86,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, request: pb.WatchKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.KvEvents]:
         engine = self.engine
-        if not isinstance(engine, Engine):  # a group of ranks: each has its own cache
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "workers with several ranks do not report KV events yet"
-            )
+        if not isinstance(engine, Engine):  # a group of ranks
+            if engine.parallel.config.dp > 1:
+                await context.abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    "data-parallel workers (--dp > 1) do not report KV events yet: each replica has its own cache",
+                )
+            engine = (
+                engine.engine
+            )  # tensor-parallel ranks keep one block table in step: rank 0's is the worker's
         interval = max(request.interval_s or KV_EVENTS_INTERVAL_S, 0.005)
         block_size = engine.config.block_size
         seq = -1
