@@ -226,7 +226,7 @@ def main() -> None:
         base_ttft, base_tokens, base_s = measure("direct", addr["prefill"], addr["decode"], *shape)
         ttft, tokens, seconds = measure("router", url, "", *shape)
     finally:
-        for p in procs:
+        for p in reversed(procs):  # the router first, so it does not log the stand-ins going away
             p.terminate()
             p.wait(timeout=10)
     b50, r50 = statistics.median(base_ttft) * 1e3, statistics.median(ttft) * 1e3
