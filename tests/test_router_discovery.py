@@ -4,6 +4,8 @@ joining worker whose KV layout differs from the fleet's is refused, never picked
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,14 +75,30 @@ def test_dns_workers_join_and_leave(llama_checkpoint: Path, tmp_path: Path, dns_
             complete(url)
         assert load(b.address).computed_tokens > before  # round robin reached the new worker
 
+        # a stalled worker keeps its connections but stops reporting its load: down within seconds, back after
+        os.kill(b.popen.pid, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: not workers(url)[b.address]["healthy"], 8, "the stalled worker to be marked down"
+            )
+            assert "no load report" in workers(url)[b.address]["error"]
+            complete(url)  # served by the other one meanwhile
+        finally:
+            os.kill(b.popen.pid, signal.SIGCONT)
+        wait_until(lambda: workers(url)[b.address]["healthy"], 10, "the resumed worker to be up again")
+
         dns_server.set(NAME, ["127.0.0.3"])  # a pod went away
         wait_until(lambda: a.address not in workers(url), 10, "the departed worker to be dropped")
         before = load(a.address).computed_tokens
         for _ in range(4):
             complete(url)
         assert load(a.address).computed_tokens == before  # nothing goes to a worker no longer listed
-        metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        assert f'address="{a.address}"' not in metrics.split("pdmesh_worker_up", 1)[1].split("# HELP", 1)[0]
+
+        def exported() -> bool:
+            metrics = httpx.get(f"{url}/metrics", timeout=5).text
+            return f'address="{a.address}"' in metrics.split("pdmesh_worker_up", 1)[1].split("# HELP", 1)[0]
+
+        wait_until(lambda: not exported(), 5, "the departed worker's gauges to go")
 
         dns_server.set(NAME, [])  # the name has no records: no workers, a clear 503
         wait_until(lambda: not workers(url), 10, "every worker to be dropped")

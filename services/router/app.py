@@ -64,7 +64,8 @@ class RouterConfig:
     request_timeout_s: float | None = None  # deadline of every request (a client may ask for less)
     max_prompts: int = 64  # prompts in one /v1/completions request
     worker_wait_s: float = 300.0
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 1.0  # how often the router's metrics of its workers are refreshed
+    load_interval_s: float = 0.25  # how often each worker reports its load to each router
     policy: str = "kv_aware"
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 5.0
@@ -94,7 +95,7 @@ class Router:
                 "or --kubernetes-selector"
             )
         self.pool = WorkerPool(
-            config.poll_interval_s,
+            config.load_interval_s,
             policy=config.policy,
             on_select=self._selected,
             on_breaker=self._breaker_changed,

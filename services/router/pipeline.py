@@ -136,13 +136,15 @@ class GenerationStream:
         """The next chunk; a failure of the worker's raises WorkerFailed (counted by its breaker)."""
         assert self.call is not None and self.worker is not None
         limit = self.options.token_timeout_s
-        if self.deadline is not None:
-            limit = min(limit, self.deadline - time.monotonic())
+        # NOTE: decided before waiting: event loop timers may fire a fraction of a millisecond early
+        by_deadline = self.deadline is not None and self.deadline - time.monotonic() < limit
+        if by_deadline:
+            limit = self.deadline - time.monotonic()  # type: ignore[operator]
         try:
             async with asyncio.timeout(max(limit, 0.0)):  # NOTE: no task per token, as wait_for makes
                 chunk = await self.call.read()
         except TimeoutError:
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+            if by_deadline:
                 raise APIError(504, "the request ran past its deadline (--request-timeout or x-pdmesh-timeout)") from None  # fmt: skip
             error = APIError(
                 504, f"the {self.leg} worker sent nothing for {self.options.token_timeout_s:.0f}s"

@@ -5,9 +5,10 @@ each publishing the addresses it knows per role; the pool serves their union, co
 and dropping one that leaves (its channel closes once its calls have ended). A joining worker is checked before
 it is used: the role it reports, the mode of the fleet (prefill/decode or colocated) and its KV layout must match.
 
-Every worker is polled (GetLoad) every `poll_interval_s`; a worker that fails a poll is marked down and skipped
-until a poll succeeds again. A worker that answers polls but fails requests is cut off by its circuit breaker
-(services/router/breaker.py). Every worker's prefix cache is followed (`WatchKvEvents`) into one exact index.
+Every worker's load is followed (`WatchLoad`, a report every `load_interval_s`); a worker whose stream breaks or
+goes silent is marked down and skipped until a new subscription delivers again. A worker that reports its load
+but fails requests is cut off by its circuit breaker (services/router/breaker.py). Every worker's prefix cache is
+followed (`WatchKvEvents`) into one exact index. No router-to-router protocol: every replica subscribes itself.
 Picking is the configured policy over the usable workers of a role (services/router/policies.py).
 """
 
@@ -34,6 +35,7 @@ log = logging.getLogger("pdmesh.router")
 ROLES = ("prefill", "decode", "colocated")
 MODE_ROLES = {"pd": ("prefill", "decode"), "colocated": ("colocated",)}
 CLOSE_GRACE_S = 3600.0  # a departed worker's channel closes when its last call ends (or after this)
+RESUBSCRIBE_S = (0.2, 0.5, 1.0, 2.0)  # after the nth failure in a row
 
 Members = dict[str, set[str]]  # role -> addresses
 
@@ -51,7 +53,8 @@ class Worker:
     breaker: Breaker = field(default_factory=Breaker)
     # dispatched by this replica, not yet in a load report and not yet done: (when, tokens of work)
     unreported: list[tuple[float, int]] = field(default_factory=list)
-    follower: asyncio.Task[None] | None = None
+    follower: asyncio.Task[None] | None = None  # KV events
+    watcher: asyncio.Task[None] | None = None  # load
 
     @property
     def usable(self) -> bool:
@@ -77,7 +80,7 @@ BreakerChange = Callable[["Worker", str], None]  # (worker, "opened" | "closed")
 
 @dataclass
 class WorkerPool:
-    poll_interval_s: float = 1.0
+    load_interval_s: float = 0.25
     poll_timeout_s: float = 2.0
     policy: str = "kv_aware"
     on_select: Selected | None = None
@@ -149,17 +152,21 @@ class WorkerPool:
             return
         log.info("%s worker %s joined", w.role, w.address)
         w.connect()
+        self._subscribe(w)
+
+    def _subscribe(self, w: Worker) -> None:
+        w.watcher = asyncio.create_task(self._watch_load(w))
         if self.policy == "kv_aware":
             w.follower = asyncio.create_task(follow(w.worker, w.address, self.index))
-        self._tasks.append(asyncio.create_task(self._poll_one(w)))
 
     def _leave(self, w: Worker) -> None:
         if self._by_address.get(w.address) is w:
             del self._by_address[w.address]
         log.info("%s worker %s left", w.role, w.address)
         w.healthy, w.last_error = False, "left the fleet"
-        if w.follower is not None:
-            w.follower.cancel()
+        for task in (w.follower, w.watcher):
+            if task is not None:
+                task.cancel()
         self.index.drop(w.address)
         if w.channel is not None:
             # NOTE: calls in flight (a stream being decoded) finish on the open channel; nothing new is sent
@@ -170,17 +177,17 @@ class WorkerPool:
         self._started = True
         for w in self.workers:
             w.connect()
-            if self.policy == "kv_aware":
-                w.follower = asyncio.create_task(follow(w.worker, w.address, self.index))
         await self.poll()
-        self._tasks.append(asyncio.create_task(self._poll_forever()))
+        for w in self.workers:
+            self._subscribe(w)
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for w in self.workers:
-            if w.follower is not None:
-                w.follower.cancel()
+            for task in (w.follower, w.watcher):
+                if task is not None:
+                    task.cancel()
             if w.channel is not None:
                 await w.channel.close()
 
@@ -303,11 +310,7 @@ class WorkerPool:
         except grpc.aio.AioRpcError as e:
             self.mark_down(w, e.details() or str(e.code()))
             return
-        if w.address not in self._by_address:
-            return  # left while being polled
-        if not w.healthy and not w.refused:
-            log.info("%s worker %s is up", w.role, w.address)
-        w.healthy, w.last_error = True, ""
+        self._up(w)
 
     def _check_joiner(self, w: Worker, info: pb.WorkerInfo) -> None:
         if w.refused:
@@ -325,13 +328,49 @@ class WorkerPool:
         if w.refused:
             log.error("%s worker %s refused: %s", w.role, w.address, w.refused)
 
-    async def _poll_forever(self) -> None:
+    async def _watch_load(self, w: Worker) -> None:
+        """Follow the worker's load reports for as long as it is in the fleet; it is down while they do not come."""
+        failures = 0
         while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self.poll()
-            except Exception:  # keep polling whatever one round hit
-                log.exception("worker poll failed")
+            if w.info is None:
+                await self._poll_one(w)  # what it is (GetInfo), before its reports are used
+            if w.info is not None:
+                call = w.worker.WatchLoad(pb.WatchLoadRequest(interval_s=self.load_interval_s))
+                previous = time.monotonic()
+                try:
+                    while True:
+                        # a stalled worker keeps its connection but sends nothing: silence is a failure too
+                        async with asyncio.timeout(self.poll_timeout_s + 2 * self.load_interval_s):
+                            load = await call.read()
+                        if load is grpc.aio.EOF:
+                            raise ConnectionError("the load stream ended")
+                        received = time.monotonic()
+                        w.load = load
+                        # NOTE: what was dispatched before the previous report arrived is in this one (the worker
+                        # made it at least an interval later)
+                        w.unreported = [(t, n) for t, n in w.unreported if t >= previous]
+                        previous = received
+                        failures = 0
+                        self._up(w)
+                except grpc.aio.AioRpcError as e:
+                    self.mark_down(w, e.details() or str(e.code()))
+                except TimeoutError:
+                    self.mark_down(
+                        w, f"no load report for {self.poll_timeout_s + 2 * self.load_interval_s:.1f}s"
+                    )
+                except ConnectionError as e:
+                    self.mark_down(w, str(e))
+                finally:
+                    call.cancel()
+            await asyncio.sleep(RESUBSCRIBE_S[min(failures, len(RESUBSCRIBE_S) - 1)])
+            failures += 1
+
+    def _up(self, w: Worker) -> None:
+        if w.address not in self._by_address:
+            return  # left meanwhile
+        if not w.healthy and not w.refused:
+            log.info("%s worker %s is up", w.role, w.address)
+        w.healthy, w.last_error = True, ""
 
     @property
     def max_model_len(self) -> int:
