@@ -54,6 +54,11 @@ class StandIn(
     async def GetLoad(self, request, context):  # type: ignore[no-untyped-def]
         return pb.Load(total_blocks=1 << 20)
 
+    async def WatchLoad(self, request, context):  # type: ignore[no-untyped-def]
+        while True:
+            yield pb.Load(total_blocks=1 << 20)
+            await asyncio.sleep(request.interval_s or 1.0)
+
     async def Reserve(self, request, context):  # type: ignore[no-untyped-def]
         blocks = -(-len(request.prompt_token_ids) // 16)
         return pb.ReserveResponse(
