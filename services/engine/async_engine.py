@@ -18,7 +18,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from services.engine.engine import Engine, RequestOutput
+from services.engine.engine import RequestOutput
+from services.engine.interface import ServingEngine
 
 log = logging.getLogger("pdmesh.engine")
 T = TypeVar("T")
@@ -31,7 +32,7 @@ class EngineFailure(RuntimeError):
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, after_step: Callable[[list[RequestOutput]], None] | None = None
+        self, engine: ServingEngine, after_step: Callable[[list[RequestOutput]], None] | None = None
     ) -> None:
         self.engine = engine
         self.after_step = after_step

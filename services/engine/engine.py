@@ -262,6 +262,9 @@ class Engine:
         self.scheduler.release(request_id)
         self._forget(request_id)
 
+    def prefix_cache(self) -> Engine:
+        return self
+
     def replica_loads(self) -> list[LoadCounts]:
         """One engine is one data-parallel replica (a rank group reports each of its replicas)."""
         return [self.load_counts()]

@@ -52,12 +52,16 @@ class StepReport:
 
 
 class RankGroup:
-    """Rank 0's stand-in for its engine: the engine API the services use, applied on every rank."""
+    """Rank 0's stand-in for its engine: the engine API the services use (ServingEngine), applied on every rank."""
 
     def __init__(
         self, engine: Engine, followers: list[mp.process.BaseProcess], stopping: threading.Event
     ) -> None:
-        self.engine = engine  # rank 0's: model, tokenizer and limits are the same on every rank
+        self.engine = engine  # rank 0's
+        # the same on every rank: the model, the limits, the KV layout
+        self.config = engine.config
+        self.model_config = engine.model_config
+        self.runtime = engine.runtime
         self.parallel = engine.parallel
         self.followers = followers
         self.stopping = stopping  # set: followers may exit without taking the worker down
@@ -68,15 +72,23 @@ class RankGroup:
         self._failed = ""
         self._last_sent = time.monotonic()
 
-    # ---- the engine API the services and AsyncEngine use -------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)  # config, runtime, model_config, layout_fingerprint, ...
+    # ---- the engine API the services and AsyncEngine use (ServingEngine) -----------------------------------
+    @property
+    def layout_fingerprint(self) -> str:
+        return self.engine.layout_fingerprint
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_ids, params)
+
+    def prefix_cache(self) -> Engine | None:
+        # tensor-parallel ranks keep one block table in step: rank 0's is the worker's; replicas have their own
+        return self.engine if self.parallel.config.dp == 1 else None
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
     ) -> None:
         self._check_alive()
-        self.engine.check_request(prompt_ids, params)  # refused here, before any rank sees it
+        self.check_request(prompt_ids, params)  # refused here, before any rank sees it
         if request_id in self.seqs:
             raise ValueError(f"request {request_id} is already running")
         live = [0] * self.parallel.config.dp

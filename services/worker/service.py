@@ -14,7 +14,7 @@ from pdmesh.v1 import worker_pb2 as pb
 from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
 from services.engine.async_engine import AsyncEngine
-from services.engine.engine import Engine
+from services.engine.interface import ServingEngine
 from services.transfer.endpoints import KvEndpoint
 from services.worker.convert import endpoints_to_proto
 
@@ -22,7 +22,7 @@ MIN_WATCH_INTERVAL_S = 0.05
 KV_EVENTS_INTERVAL_S = 0.05
 
 
-def load_of(engine: Engine, transferred_bytes: int = 0) -> pb.Load:
+def load_of(engine: ServingEngine, transferred_bytes: int = 0) -> pb.Load:
     load = pb.Load(**asdict(engine.load_counts()), transferred_bytes=transferred_bytes)
     replicas = engine.replica_loads()
     if len(replicas) > 1:
@@ -85,16 +85,13 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def WatchKvEvents(
         self, request: pb.WatchKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.KvEvents]:
-        engine = self.engine
-        if not isinstance(engine, Engine):  # a group of ranks
-            if engine.parallel.config.dp > 1:
-                await context.abort(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    "data-parallel workers (--dp > 1) do not report KV events yet: each replica has its own cache",
-                )
-            engine = (
-                engine.engine
-            )  # tensor-parallel ranks keep one block table in step: rank 0's is the worker's
+        engine = self.engine.prefix_cache()
+        if engine is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "data-parallel workers (--dp > 1) do not report KV events yet: each replica has its own cache",
+            )
+            return
         interval = max(request.interval_s or KV_EVENTS_INTERVAL_S, 0.005)
         block_size = engine.config.block_size
         seq = -1
