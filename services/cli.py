@@ -55,12 +55,17 @@ def _make_tiny_model(args: argparse.Namespace) -> None:
 def _worker(role: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         import asyncio
+        import importlib
 
         from services.engine.tiny_model import default_model_dir
         from services.worker.server import engine_config, serve, transfer_options
 
+        attach = importlib.import_module(
+            f"services.{role}.attach"
+        ).attach  # the role's service, composed here
         model = args.model or str(default_model_dir())
-        asyncio.run(serve(engine_config(args, role, model), args.host, args.port, transfer_options(args)))
+        config = engine_config(args, role, model)
+        asyncio.run(serve(config, args.host, args.port, transfer_options(args), attach))
 
     return run
 

@@ -131,3 +131,17 @@ class MooncakeEngines:
     def close(self) -> None:
         for engine in self.by_protocol.values():
             engine.close()
+
+
+def open_engines(
+    kv: torch.Tensor, requested: str, nic: str, public_host: str, timeout_s: float
+) -> MooncakeEngines:
+    """A worker's Mooncake engines for `--transfer-protocol requested` with its KV pool where `kv` lives; a
+    protocol that cannot serve here is a usage error (SystemExit)."""
+    from services.transfer.endpoints import protocols_for
+
+    try:
+        protocols = protocols_for(requested, kv.is_cuda, nic)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return MooncakeEngines(public_host, protocols, nic, timeout_s, required=requested != "auto")

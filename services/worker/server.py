@@ -1,4 +1,6 @@
-"""Start one worker process: the engine in its role, KV transfer where the role needs it, and the gRPC server."""
+"""Start one worker process: the engine, the gRPC server with the Worker and health services, and the role's
+service, which its package attaches (services/{prefill,decode,colocated}/attach.py; composed by the entry point,
+so this module knows no role)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import asyncio
 import logging
 import signal
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -19,6 +22,9 @@ from services.engine.async_engine import AsyncEngine
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine
 from services.engine.parallel.state import ParallelConfig
+from services.transfer.endpoints import KvEndpoint
+from services.worker.ranks import start_ranks
+from services.worker.service import WorkerService
 
 log = logging.getLogger("pdmesh.worker")
 
@@ -80,18 +86,40 @@ def transfer_options(args: argparse.Namespace) -> TransferOptions:
     )
 
 
-async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOptions) -> None:
-    from services.worker.service import WorkerService
+@dataclass
+class Setup:
+    """What a role gets to attach itself to the worker."""
 
-    role = config.role
+    config: EngineConfig
+    engine: Any  # ServingEngine; an Engine for the roles that move KV
+    server: grpc.aio.Server
+    address: str  # HOST:PORT peers reach this worker's gRPC server at
+    transfer: TransferOptions
+    public_host: str  # the address peers reach this machine at (never a wildcard)
+
+
+@dataclass
+class Attached:
+    """What a role attached: its engine driver, and what the Worker service reports of its KV transfers."""
+
+    aengine: AsyncEngine
+    endpoints: tuple[KvEndpoint, ...] = ()
+    host_id: str = ""
+    transferred: Callable[[], int] = lambda: 0
+    cleanup: list[Callable[[], None]] = field(default_factory=list)  # run in order when the worker stops
+
+
+Role = Callable[[Setup], Attached]
+
+
+async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOptions, role: Role) -> None:
+    """Run a worker: `role` (the prefill, decode or colocated package's `attach`) adds its gRPC service."""
     cleanup = []
     if config.parallel.world > 1:
-        from services.worker.ranks import start_ranks
-
-        if role != "colocated":
+        if config.role != "colocated":
             raise SystemExit(
-                f"a {role} worker runs one rank for now (moving tensor-parallel KV caches between workers is "
-                "not implemented); use --tp/--dp/--ep with a colocated worker"
+                f"a {config.role} worker runs one rank for now (moving tensor-parallel KV caches between workers "
+                "is not implemented); use --tp/--dp/--ep with a colocated worker"
             )
         engine: Any = start_ranks(config, _free_port())
         cleanup.append(engine.close)
@@ -102,72 +130,30 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     public_host = _routable(transfer.host)
-    endpoints, host_id, transferred = (), "", (lambda: 0)
-    if role in ("prefill", "decode"):
-        from services.transfer.endpoints import protocols_for
-        from services.transfer.mooncake_engine import MooncakeEngines
-
-        kv = engine.kv_cache.kv
-        try:
-            protocols = protocols_for(transfer.protocol, kv.is_cuda, transfer.device)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        mooncake = MooncakeEngines(
-            public_host, protocols, transfer.device, transfer.timeout_s, required=transfer.protocol != "auto"
-        )
-        endpoints, host_id = mooncake.endpoints, mooncake.host_id
-        cleanup.append(mooncake.close)
-    if role == "prefill":
-        from services.prefill.service import PrefillService
-        from services.transfer.sender import KvSender
-        from services.transfer.staging import StagingBuffer
-
-        layout = engine.kv_cache.layout
-        slot_blocks = -(-config.max_num_batched_tokens // config.block_size) + 1
-        staging = StagingBuffer(kv, layout.block_nbytes, transfer.staging_slots, slot_blocks)
-        sender = KvSender(mooncake, kv, config.block_size, layout.block_nbytes, staging, transfer.timeout_s)
-        cleanup.insert(0, sender.stop)
-        aengine = AsyncEngine(engine)
-        prefill = PrefillService(aengine, sender)
-        aengine.after_step = prefill.after_step
-        pb_grpc.add_PrefillServicer_to_server(prefill, server)
-        transferred = lambda: sender.bytes_sent  # noqa: E731
-    elif role == "decode":
-        from services.decode.service import DecodeService
-        from services.transfer.receiver import KvReceiver
-
-        layout = engine.kv_cache.layout
-        receiver = KvReceiver(mooncake, kv, layout.block_nbytes, config.block_size, engine.layout_fingerprint)
-        aengine = AsyncEngine(engine)
-        decode = DecodeService(
-            aengine, receiver, f"{public_host}:{bound}", transfer.lease_s, transfer.quarantine_s
-        )
-        pb_grpc.add_DecodeServicer_to_server(decode, server)
-    else:
-        from services.colocated.service import ColocatedService
-
-        aengine = AsyncEngine(engine)
-        pb_grpc.add_ColocatedServicer_to_server(ColocatedService(aengine), server)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(aengine, endpoints, host_id, transferred), server)
+    attached = role(Setup(config, engine, server, f"{public_host}:{bound}", transfer, public_host))
+    aengine = attached.aengine
+    service = WorkerService(aengine, attached.endpoints, attached.host_id, attached.transferred)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     aengine.start()
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    endpoints = attached.endpoints
     suffix = (
         f" (KV transfer {', '.join(f'{e.protocol} {e.session_id}' for e in endpoints)})" if endpoints else ""
     )
-    print(f"pdmesh {role} worker listening on {host}:{bound}{suffix}", flush=True)
+    print(f"pdmesh {config.role} worker listening on {host}:{bound}{suffix}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("%s worker shutting down", role)
+    log.info("%s worker shutting down", config.role)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=2.0)
     aengine.stop()
-    for fn in cleanup:
+    for fn in [*attached.cleanup, *cleanup]:
         fn()
 
 
