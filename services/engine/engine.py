@@ -91,77 +91,17 @@ class Engine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
-        device = config.resolve_device(config.rank)
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # this rank's GPU: NCCL and the kernels' default device
-        if device.type == "cuda":
-            # NOTE: the host's tensor work is small; torch's CPU thread pool only adds wake-up stalls, worst with
-            # several ranks' pools on one host
-            torch.set_num_threads(1)
+        device = self._bind_device()
         self.parallel = init_parallel(config.parallel, config.rank, config.dist_init_method or "env://")
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
-        moe = self.model_config.moe
-        if config.ep_dispatch == "mori" and moe is not None:
-            from services.engine.rocm.mori_dispatch import MoriDispatch
-
-            dispatcher = MoriDispatch(
-                self.parallel.world_group,
-                self.model_config.hidden_size,
-                moe.num_experts // self.parallel.ep,
-                moe.top_k,
-                max(config.max_num_batched_tokens, config.max_num_seqs),
-                dtype,
-            )
-            self.parallel = replace(self.parallel, dispatcher=dispatcher)
-        self.model = load_model(
-            self.model_config,
-            device,
-            dtype,
-            config.progress and self.parallel.rank == 0,
-            config.load_format,
-            self.parallel,
-        )
-        if config.moe_backend == "aiter" and moe is not None:
-            from services.engine.rocm.aiter_moe import AiterExperts
-
-            for module in self.model.modules():
-                if isinstance(module, Experts):
-                    module.kernel = AiterExperts(module)
-        num_blocks = self._size_kv_cache(device, dtype)
-        max_model_len = self._max_model_len(num_blocks)
+        self.model = self._load_model(device, dtype)
+        num_blocks, max_model_len = self._plan_memory(device, dtype)
         layout = KVLayout.for_model(self.model_config, num_blocks, config.block_size, dtype, self.parallel.tp)
         self.kv_cache = KVCache(layout, device)
         self.runtime = EngineRuntime(
             device, dtype, num_blocks, max_model_len, self.model_config.eos_token_ids
         )
-        self.attention_backend = resolve_backend(config.attention_backend, device)
-        backend = make_backend(
-            self.attention_backend, self.kv_cache, self.model_config.head_dim**-0.5, max_model_len
-        )
-        generator = torch.Generator(device).manual_seed(config.seed)
-        dispatch = config.resolve_ep_dispatch(device)
-        self.runner = ModelRunner(
-            self.model,
-            backend,
-            config.block_size,
-            device,
-            generator,
-            self.parallel,
-            TBOConfig(config.tbo, config.tbo_min_prefill_tokens, config.tbo_min_decode_seqs),
-            fixed_dispatch=self.parallel.ep > 1 and config.parallel.dp > 1 and dispatch == "all_gather",
-        )
-        graphable = (
-            self.model_config.mla is None  # latent attention runs per sequence, eagerly
-            and (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
-            and (self.runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1)
-        )
-        if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:
-            max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
-            sizes = [
-                b for b in config.cuda_graph_sizes or default_sizes(max_batch) if b <= config.max_num_seqs
-            ]
-            if sizes:
-                self.runner.capture_graphs(sizes, -(-max_model_len // config.block_size), config.progress)
+        self.runner = self._build_runner(device, dtype, max_model_len)
         self.tbo_calibration: dict = {}
         if config.tbo and config.tbo_calibrate and device.type == "cuda":
             self.tbo_calibration = calibrate(
@@ -197,6 +137,87 @@ class Engine:
             self.attention_backend,
             "on" if self.runner.graphs is not None else "off",
         )
+
+    # ---- start-up steps ----------------------------------------------------------------------------------
+    def _bind_device(self) -> torch.device:
+        """This rank's device, made current."""
+        device = self.config.resolve_device(self.config.rank)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # this rank's GPU: NCCL and the kernels' default device
+        if device.type == "cuda":
+            # NOTE: the host's tensor work is small; torch's CPU thread pool only adds wake-up stalls, worst with
+            # several ranks' pools on one host
+            torch.set_num_threads(1)
+        return device
+
+    def _load_model(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        """The model's weights on this rank, with the expert dispatch and kernels the config asks for."""
+        config, moe = self.config, self.model_config.moe
+        if config.ep_dispatch == "mori" and moe is not None:
+            from services.engine.rocm.mori_dispatch import MoriDispatch
+
+            dispatcher = MoriDispatch(
+                self.parallel.world_group,
+                self.model_config.hidden_size,
+                moe.num_experts // self.parallel.ep,
+                moe.top_k,
+                max(config.max_num_batched_tokens, config.max_num_seqs),
+                dtype,
+            )
+            self.parallel = replace(self.parallel, dispatcher=dispatcher)
+        model = load_model(
+            self.model_config,
+            device,
+            dtype,
+            config.progress and self.parallel.rank == 0,
+            config.load_format,
+            self.parallel,
+        )
+        if config.moe_backend == "aiter" and moe is not None:
+            from services.engine.rocm.aiter_moe import AiterExperts
+
+            for module in model.modules():
+                if isinstance(module, Experts):
+                    module.kernel = AiterExperts(module)
+        return model
+
+    def _plan_memory(self, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+        """KV blocks for what memory is left after the weights, and the longest sequence they allow."""
+        num_blocks = self._size_kv_cache(device, dtype)
+        return num_blocks, self._max_model_len(num_blocks)
+
+    def _build_runner(self, device: torch.device, dtype: torch.dtype, max_model_len: int) -> ModelRunner:
+        """The model runner over the KV cache, with decode CUDA graphs captured where they can run."""
+        config = self.config
+        self.attention_backend = resolve_backend(config.attention_backend, device)
+        backend = make_backend(
+            self.attention_backend, self.kv_cache, self.model_config.head_dim**-0.5, max_model_len
+        )
+        generator = torch.Generator(device).manual_seed(config.seed)
+        dispatch = config.resolve_ep_dispatch(device)
+        runner = ModelRunner(
+            self.model,
+            backend,
+            config.block_size,
+            device,
+            generator,
+            self.parallel,
+            TBOConfig(config.tbo, config.tbo_min_prefill_tokens, config.tbo_min_decode_seqs),
+            fixed_dispatch=self.parallel.ep > 1 and config.parallel.dp > 1 and dispatch == "all_gather",
+        )
+        graphable = (
+            self.model_config.mla is None  # latent attention runs per sequence, eagerly
+            and (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
+            and (runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1)
+        )
+        if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:
+            max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
+            sizes = [
+                b for b in config.cuda_graph_sizes or default_sizes(max_batch) if b <= config.max_num_seqs
+            ]
+            if sizes:
+                runner.capture_graphs(sizes, -(-max_model_len // config.block_size), config.progress)
+        return runner
 
     @property
     def layout_fingerprint(self) -> str:
