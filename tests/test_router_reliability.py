@@ -143,6 +143,14 @@ def test_admission_waits_then_429(llama_checkpoint: Path, tmp_path: Path) -> Non
         assert [status for status, _, _ in results] == [200, 200, 200]
         assert sorted(w for _, w, _ in results)[-1] > 0.35  # the last one waited for two before it
         assert metric(url, "pdmesh_requests_total", endpoint="completions", status="429") == 1
+
+        # the prompts of one request go out together: three held 1 s each take about 1 s, not 3
+        proxy.delay("Generate", 1.0)
+        started = time.monotonic()
+        body = {"model": "tiny", "prompt": [PROMPT, PROMPT[:4], PROMPT[:6]], "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+        assert time.monotonic() - started < 2.5
     finally:
         cluster.stop()
         if proxy is not None and proxy.address:
