@@ -180,3 +180,27 @@ def test_kubernetes_pods_watched(llama_checkpoint: Path, tmp_path: Path) -> None
     finally:
         cluster.stop()
         api.stop()
+
+
+def test_static_workers_with_unequal_layouts_stop_the_router(llama_checkpoint: Path, tmp_path: Path) -> None:
+    """Prefill and decode workers that could not exchange KV: the router never serves, and says why, naming
+    both layouts."""
+    cluster = Cluster(llama_checkpoint, tmp_path)
+    try:
+        cluster.worker("prefill")
+        cluster.worker("decode", "--block-size", "32")
+        cluster.wait_workers()
+        cluster.router()
+
+        def refusal() -> str:
+            status, health = http_json(f"{cluster.url}/health")
+            return health.get("error", "") if status == 503 else ""
+
+        wait_until(lambda: "KV layout" in refusal(), 30, "the router to refuse the fleet")
+        message = refusal()
+        assert "|B16|" in message and "|B32|" in message and "TP1" in message, message
+        body = {"model": llama_checkpoint.name, "prompt": PROMPT, "max_tokens": 2}
+        r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and "KV layout" in r.json()["error"]["message"]
+    finally:
+        cluster.stop()

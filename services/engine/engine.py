@@ -221,8 +221,9 @@ class Engine:
 
     @property
     def layout_fingerprint(self) -> str:
-        """What a peer must match to exchange KV with this engine (model, dtype, block and head shapes)."""
-        return self.kv_cache.layout.fingerprint(self.model_config.fingerprint)
+        """What a peer must match to exchange KV with this engine (model, dtype, block and head shapes, and the
+        tensor-parallel ranks: rank r writes to rank r, even where every rank holds the same latent cache)."""
+        return f"{self.kv_cache.layout.fingerprint(self.model_config.fingerprint)}|TP{self.parallel.tp}"
 
     # ---- requests ----------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
