@@ -60,12 +60,11 @@ def _worker(role: str) -> Callable[[argparse.Namespace], None]:
         from services.engine.tiny_model import default_model_dir
         from services.worker.server import engine_config, serve, transfer_options
 
-        attach = importlib.import_module(
-            f"services.{role}.attach"
-        ).attach  # the role's service, composed here
+        module = importlib.import_module(f"services.{role}.attach")  # the role's service, composed here
         model = args.model or str(default_model_dir())
         config = engine_config(args, role, model)
-        asyncio.run(serve(config, args.host, args.port, transfer_options(args), attach))
+        make_rank = getattr(module, "make_rank", None)
+        asyncio.run(serve(config, args.host, args.port, transfer_options(args), module.attach, make_rank))
 
     return run
 

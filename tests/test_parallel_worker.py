@@ -151,9 +151,9 @@ def test_a_lost_rank_takes_the_worker_down(dense: Path, tmp_path: Path) -> None:
         cluster.stop()
 
 
-def test_prefill_and_decode_workers_refuse_several_ranks(dense: Path) -> None:
+def test_prefill_and_decode_workers_refuse_data_parallel_ranks(dense: Path) -> None:
     for role in ("prefill", "decode"):
-        argv = [sys.executable, "-m", "services.cli", role, "--model", str(dense), "--tp", "2"]
+        argv = [sys.executable, "-m", "services.cli", role, "--model", str(dense), "--dp", "2"]
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert done.returncode != 0
-        assert "colocated worker" in done.stderr and "one rank" in done.stderr
+        assert "colocated worker" in done.stderr and "data-parallel" in done.stderr

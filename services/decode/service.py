@@ -23,6 +23,7 @@ from pdmesh.v1 import worker_pb2_grpc as pb_grpc
 
 from services.common.convert import logprob_from_proto, sampling_from_proto
 from services.common.errors import RequestError
+from services.decode.rank import RankedReceiver
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.engine import Reservation
 from services.transfer.receiver import KvReceiver
@@ -40,7 +41,12 @@ class Held:
 
 class DecodeService(pb_grpc.DecodeServicer):
     def __init__(
-        self, aengine: AsyncEngine, receiver: KvReceiver, address: str, lease_s: float, quarantine_s: float
+        self,
+        aengine: AsyncEngine,
+        receiver: KvReceiver | RankedReceiver,
+        address: str,
+        lease_s: float,
+        quarantine_s: float,
     ) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
@@ -114,14 +120,17 @@ class DecodeService(pb_grpc.DecodeServicer):
             )
         reservation = entry.reservation
         if request.HasField("kv_checksum"):
+            sent = list(request.rank_kv_checksums) or [request.kv_checksum]
             got = await self.aengine.call(
-                self.receiver.checksum, reservation.block_ids, reservation.num_cached_tokens
+                self.receiver.checksums, reservation.block_ids, reservation.num_cached_tokens
             )
-            if got != request.kv_checksum:
+            if got != sent:
                 await self.aengine.call(self.engine.release, rid)
+                bad = [r for r in range(max(len(sent), len(got))) if sent[r : r + 1] != got[r : r + 1]]
                 await context.abort(
                     grpc.StatusCode.DATA_LOSS,
-                    f"KV checksum mismatch for {rid}: sent {request.kv_checksum:#x}, received {got:#x}.",
+                    f"KV checksum mismatch for {rid} on rank(s) {bad}: sent "
+                    f"{', '.join(f'{c:#x}' for c in sent)}, received {', '.join(f'{c:#x}' for c in got)}.",
                 )
         stream = self.aengine.open_stream(rid)
         finished = False

@@ -23,6 +23,7 @@ from services.common.errors import RequestError
 from services.engine.async_engine import AsyncEngine, EngineFailure
 from services.engine.engine import RequestOutput
 from services.prefill.lease import LeaseKeeper, LeaseLapsed
+from services.prefill.rank import RankedSender, RankedTransfer, push_completed
 from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import TransferError
 from services.transfer.sender import KvSender, RequestTransfer
@@ -34,7 +35,7 @@ WAIT_LIMIT_S = 3600.0
 
 
 class PrefillService(pb_grpc.PrefillServicer):
-    def __init__(self, aengine: AsyncEngine, sender: KvSender) -> None:
+    def __init__(self, aengine: AsyncEngine, sender: KvSender | RankedSender) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
         self.sender = sender
@@ -63,31 +64,8 @@ class PrefillService(pb_grpc.PrefillServicer):
             raise RequestError(str(e)) from e
 
     def after_step(self, outputs: list[RequestOutput]) -> None:
-        """Engine thread, after every step: push the blocks each prompt completed; close finished prompts."""
-        finished = {o.request_id: o for o in outputs if o.finished}
-        ready: dict[str, tuple[list[int], int]] = {}
-        for request_id in list(self.sender.requests):
-            seq = self.engine.seqs.get(request_id)
-            if seq is None:
-                continue
-            out = finished.get(request_id)
-            if out is None:
-                ready[request_id] = (seq.block_ids, seq.num_computed_tokens // self.block_size)
-            elif out.finish_reason == "prefilled":  # the partial last block goes too
-                ready[request_id] = (seq.block_ids, len(seq.block_ids))
-        self.sender.push_ready(ready)
-        for request_id in finished:
-            seq = self.engine.seqs.get(request_id)
-            if seq is not None and request_id in self.sender.requests:
-                self.sender.close(request_id, seq.block_ids)
-
-    def _timings(self, request_id: str) -> tuple[float, float, float]:
-        seq = self.engine.seqs[request_id]
-        return (
-            seq.arrival_time,
-            seq.scheduled_time or seq.arrival_time,
-            seq.first_token_time or time.monotonic(),
-        )
+        """Engine thread, after every step (a worker of one rank; each rank of a group does it itself)."""
+        push_completed(self.sender, self.engine, outputs)
 
     def _forget(self, request_id: str) -> None:
         self.engine.release(request_id)
@@ -158,6 +136,7 @@ class PrefillService(pb_grpc.PrefillServicer):
             )
             if transfer.kv_checksum is not None:
                 response.kv_checksum = transfer.kv_checksum
+                response.rank_kv_checksums.extend(getattr(transfer, "rank_kv_checksums", ()))
             if out.new_logprobs:
                 response.first_logprob.CopyFrom(logprob_to_proto(out.new_logprobs[0]))
             return response
@@ -184,12 +163,12 @@ class PrefillService(pb_grpc.PrefillServicer):
         except TimeoutError:
             return False
 
-    async def _landed(self, request_id: str) -> RequestTransfer:
+    async def _landed(self, request_id: str) -> RequestTransfer | RankedTransfer:
         """Every byte written; raises TransferError (the request alone failed)."""
         # every write is bounded in time, so this returns; the limit only guards against a lost notification
         if not await self._transfer_over(request_id, WAIT_LIMIT_S):
             raise TransferError(f"the KV transfer of {request_id} did not end within {WAIT_LIMIT_S:.0f}s")
-        t = self.sender.requests.get(request_id)
+        t = self.sender.result(request_id)
         if t is None:  # an Abort overtook us
             raise TransferError(f"request {request_id} was aborted during its KV transfer")
         if t.error:

@@ -347,6 +347,7 @@ class Dispatcher:
         generate = pb.GenerateRequest(request_id=rid, first_token=response.first_token)
         if response.HasField("kv_checksum"):
             generate.kv_checksum = response.kv_checksum
+            generate.rank_kv_checksums.extend(response.rank_kv_checksums)
         if response.HasField("first_logprob"):
             generate.first_logprob.CopyFrom(response.first_logprob)
         stream.call = decode.decode.Generate(generate)

@@ -39,3 +39,7 @@ class KvReceiver:
     def checksum(self, block_ids: list[int], num_cached_tokens: int) -> int:
         """Checksum of the blocks a prefill worker wrote (the uncached ones), to compare with the sender's."""
         return kv_checksum(self.kv, block_ids[num_cached_tokens // self.block_size :])
+
+    def checksums(self, block_ids: list[int], num_cached_tokens: int) -> list[int]:
+        """Every rank's checksum (this worker has one)."""
+        return [self.checksum(block_ids, num_cached_tokens)]

@@ -244,6 +244,10 @@ class KvSender:
         with self._lock:
             self.requests.pop(request_id, None)
 
+    def result(self, request_id: str) -> RequestTransfer | None:
+        """The request's transfer (its outcome once `when_done` called back)."""
+        return self.requests.get(request_id)
+
     def active(self) -> list[RequestTransfer]:
         return [t for t in list(self.requests.values()) if not t.stopped and t.finished is None]
 

@@ -7,7 +7,7 @@ from pdmesh.v1 import worker_pb2 as pb
 
 from services.common.convert import logprob_to_proto
 from services.engine.engine import RequestOutput
-from services.transfer.destination import KvDestination
+from services.transfer.destination import KvDestination, RankTarget
 from services.transfer.endpoints import KvEndpoint
 
 
@@ -26,6 +26,12 @@ def destination_to_proto(d: KvDestination) -> pb.KvDestination:
         layout_fingerprint=d.layout_fingerprint,
         lease_address=d.lease_address,
         lease_s=d.lease_s,
+        ranks=[
+            pb.KvRank(
+                endpoints=endpoints_to_proto(r.endpoints), host_id=r.host_id, base_address=r.base_address
+            )
+            for r in d.ranks
+        ],
     )
 
 
@@ -40,6 +46,12 @@ def destination_from_proto(msg: pb.KvDestination) -> KvDestination:
         layout_fingerprint=msg.layout_fingerprint,
         lease_address=msg.lease_address,
         lease_s=msg.lease_s,
+        ranks=tuple(
+            RankTarget(
+                tuple(KvEndpoint(e.protocol, e.session_id) for e in r.endpoints), r.host_id, r.base_address
+            )
+            for r in msg.ranks
+        ),
     )
 
 

@@ -9,6 +9,12 @@ host's gloo group, with the next step, so all ranks apply the same calls in the 
   requests, and each step gathers every replica's outputs (from its first tensor-parallel rank) and load.
 A rank that fails a step may have diverged from the others: the group refuses every later call and the worker
 exits, for its supervisor to restart it; so does a worker whose follower process died.
+
+Prefill and decode workers give every rank a role object (`make_role(engine)`: its own Mooncake engines,
+registered KV pool and, for prefill, staging and KV writers). Calls named `role.<method>` go to it; after every
+step it sees the step's outputs (`after_step`), and what it reports (`report()`) reaches rank 0 with the step's.
+At start every rank's `target()` (where peers write its KV) is gathered to rank 0. Calls whose answer rank 0
+needs at once (a reservation's blocks) are sent without waiting for a step (`call_now`), with every rank's result.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import os
 import pickle
 import threading
 import time
-from dataclasses import astuple, dataclass, replace
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,15 +56,27 @@ class StepReport:
     busy: bool
     load: LoadCounts
     error: str = ""
+    results: list[Any] = field(default_factory=list)  # of the calls this rank applied, in order
+    role: Any = None  # what the rank's role reports (e.g. its KV transfers)
 
 
 class RankGroup:
     """Rank 0's stand-in for its engine: the engine API the services use (ServingEngine), applied on every rank."""
 
     def __init__(
-        self, engine: Engine, followers: list[mp.process.BaseProcess], stopping: threading.Event
+        self,
+        engine: Engine,
+        followers: list[mp.process.BaseProcess],
+        stopping: threading.Event,
+        role: Any = None,
+        targets: list[Any] | None = None,
     ) -> None:
         self.engine = engine  # rank 0's
+        self.role = role  # rank 0's role object (prefill and decode workers)
+        self.targets = targets or []  # every rank's role target, in rank order
+        self.role_reports: list[Any] = []  # every rank's role report, as of the last exchange
+        self.pending: Callable[[], bool] = lambda: False  # more exchanges needed though no request runs
+        self.on_exchange: Callable[[list[Any]], None] | None = None  # gets every rank's role report
         # the same on every rank: the model, the limits, the KV layout
         self.config = engine.config
         self.model_config = engine.model_config
@@ -111,7 +130,45 @@ class RankGroup:
     def has_unfinished(self) -> bool:
         if not self._busy and not self._failed and time.monotonic() - self._last_sent > HEARTBEAT_S:
             self._exchange(step=False)
-        return self._busy
+        return self._busy or self.pending()
+
+    # ---- prefill and decode roles (one replica) ----------------------------------------------------------
+    def queue(self, method: str, *args: Any) -> None:
+        """A call every rank applies with the next exchange, in order with the others."""
+        self._check_alive()
+        self._pending.append(Call(0, method, args))
+        self._busy = True
+
+    def call_now(self, method: str, *args: Any) -> list[Any]:
+        """Apply a call on every rank now (after those queued before it); every rank's result, in rank order."""
+        self._check_alive()
+        self._pending.append(Call(0, method, args))
+        reports = self._exchange(step=False)
+        errors = [f"rank {r}: {rep.error}" for r, rep in enumerate(reports) if rep.error]
+        if errors:
+            self._fail("; ".join(errors))
+        return [rep.results[-1] for rep in reports]
+
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Any:
+        self.check_request(prompt_ids, params)
+        results = self.call_now("reserve", request_id, prompt_ids, params)
+        if any(r != results[0] for r in results):  # the ranks allocate in step, or their KV would not match
+            self._fail(f"the ranks reserved different blocks for {request_id}: {results}")
+        if results[0] is not None:
+            self.seqs[request_id] = 0
+        return results[0]
+
+    def admit_prefilled(self, request_id: str, first_token: int) -> list[RequestOutput]:
+        outputs = self.call_now("admit_prefilled", request_id, first_token)[0]
+        self._busy = True
+        for out in outputs:
+            if out.finished:
+                self.seqs.pop(request_id, None)
+        return outputs
+
+    def release(self, request_id: str) -> None:
+        self.seqs.pop(request_id, None)
+        self.queue("release", request_id)
 
     def step(self) -> list[RequestOutput]:
         self._check_alive()
@@ -119,7 +176,7 @@ class RankGroup:
         errors = [f"rank {r}: {rep.error}" for r, rep in enumerate(reports) if rep.error]
         if errors:
             self._fail("; ".join(errors))
-        self._busy = any(rep.busy for rep in reports)
+        self._busy = any(rep.busy for rep in reports) or bool(self._pending)
         tp = self.parallel.config.tp
         self._loads = [reports[r].load for r in range(0, len(reports), tp)]
         outputs = [out for rep in reports[::tp] for out in rep.outputs]
@@ -155,9 +212,13 @@ class RankGroup:
         self._last_sent = time.monotonic()
         group = self.parallel.host_group
         send_calls(STEP if step else HEARTBEAT, calls, group)
-        return share_reports(
-            apply(self.engine, self.parallel.dp_rank, calls, step), self.parallel.world, group
-        )
+        mine = apply(self.engine, self.role, self.parallel.dp_rank, calls, step)
+        reports = share_reports(mine, self.parallel.world, group)
+        if self.role is not None:
+            self.role_reports = [rep.role for rep in reports]
+            if self.on_exchange is not None and not any(rep.error for rep in reports):
+                self.on_exchange(self.role_reports)
+        return reports
 
     def _check_alive(self) -> None:
         if self._failed:
@@ -171,28 +232,50 @@ class RankGroup:
         raise RuntimeError(f"a rank of this worker failed: {why}")
 
 
-def apply(engine: Engine, replica: int, calls: list[Call], step: bool) -> StepReport:
+def apply(engine: Engine, role: Any, replica: int, calls: list[Call], step: bool) -> StepReport:
     """What every rank does with a message from rank 0: the calls for its replica, then (maybe) one step."""
     outputs: list[RequestOutput] = []
+    results: list[Any] = []
     try:
         for call in calls:
             if call.replica == replica:
-                getattr(engine, call.method)(*call.args)
+                target, name = (
+                    (role, call.method[5:]) if call.method.startswith("role.") else (engine, call.method)
+                )
+                results.append(getattr(target, name)(*call.args))
         if step:
             outputs = engine.step()
+            if role is not None:
+                role.after_step(engine, outputs)
     except Exception as e:  # reported to rank 0, which fails the worker
         log.exception("rank %d failed", engine.parallel.rank)
         return StepReport([], False, engine.load_counts(), f"{type(e).__name__}: {e}")
-    return StepReport(outputs if engine.parallel.tp_rank == 0 else [], engine.busy, engine.load_counts())
+    report = role.report() if role is not None else None
+    outputs = outputs if engine.parallel.tp_rank == 0 else []
+    return StepReport(outputs, engine.busy, engine.load_counts(), "", results, report)
 
 
-def follow(config: EngineConfig) -> None:
-    """A follower rank's process: build the engine, then apply rank 0's messages until told to stop."""
+def follow(config: EngineConfig, make_role: Callable[[Engine], Any] | None = None) -> None:
+    """A follower rank's process: build the engine (and its role), then apply rank 0's messages until told to stop."""
     engine = Engine(config)
+    role = make_role(engine) if make_role is not None else None
     group, world = engine.parallel.host_group, engine.parallel.world
-    while (message := receive_calls(group))[0] != STOP:
-        kind, calls = message
-        share_reports(apply(engine, engine.parallel.dp_rank, calls, kind == STEP), world, group)
+    if role is not None:
+        gather_targets(role, world, group)
+    try:
+        while (message := receive_calls(group))[0] != STOP:
+            kind, calls = message
+            share_reports(apply(engine, role, engine.parallel.dp_rank, calls, kind == STEP), world, group)
+    finally:
+        if role is not None:
+            role.close()
+
+
+def gather_targets(role: Any, world: int, group: dist.ProcessGroup | None) -> list[Any]:
+    """Every rank's role target (where peers write its KV), in rank order."""
+    targets: list[Any] = [None] * world
+    dist.all_gather_object(targets, role.target(), group=group)
+    return targets
 
 
 # ---- the wire: small int64 headers every step; pickled payloads only when there is something to say -----------
@@ -219,7 +302,8 @@ def receive_calls(group: dist.ProcessGroup | None) -> tuple[int, list[Call]]:
 
 def share_reports(report: StepReport, world: int, group: dist.ProcessGroup | None) -> list[StepReport]:
     """Every rank's report, in rank order (all ranks take part; rank 0 uses them)."""
-    payload = pickle.dumps((report.outputs, report.error)) if report.outputs or report.error else b""
+    said = report.outputs or report.error or report.results or report.role is not None
+    payload = pickle.dumps((report.outputs, report.error, report.results, report.role)) if said else b""
     head = torch.tensor([int(report.busy), len(payload), *astuple(report.load)], dtype=torch.int64)
     heads = torch.empty(world * head.numel(), dtype=torch.int64)
     gather_into(heads, head, group=group)
@@ -235,8 +319,8 @@ def share_reports(report: StepReport, world: int, group: dist.ProcessGroup | Non
         payloads = [data[r * longest : r * longest + row[1]] for r, row in enumerate(rows)]
     reports = []
     for row, data in zip(rows, payloads, strict=True):
-        outputs, error = pickle.loads(data) if data else ([], "")
-        reports.append(StepReport(outputs, bool(row[0]), LoadCounts(*row[2:]), error))
+        outputs, error, results, role = pickle.loads(data) if data else ([], "", [], None)
+        reports.append(StepReport(outputs, bool(row[0]), LoadCounts(*row[2:]), error, results, role))
     return reports
 
 
@@ -250,15 +334,18 @@ def watch(followers: list[mp.process.BaseProcess], stopping: threading.Event) ->
                 os._exit(1)
 
 
-def start_ranks(config: EngineConfig, port: int) -> RankGroup:
-    """Start ranks 1.. as processes on this host, then build rank 0's engine (joining them) and its group."""
+def start_ranks(
+    config: EngineConfig, port: int, make_role: Callable[[Engine], Any] | None = None
+) -> RankGroup:
+    """Start ranks 1.. as processes on this host, then build rank 0's engine (joining them) and its group;
+    `make_role` (picklable) gives every rank its role object."""
     init = f"tcp://127.0.0.1:{port}"
     ctx = mp.get_context("spawn")
     followers = []
     for rank in range(1, config.parallel.world):
         p = ctx.Process(
             target=follow,
-            args=(replace(config, rank=rank, dist_init_method=init, progress=False),),
+            args=(replace(config, rank=rank, dist_init_method=init, progress=False), make_role),
             name=f"pdmesh-rank-{rank}",
             daemon=True,
         )
@@ -267,4 +354,8 @@ def start_ranks(config: EngineConfig, port: int) -> RankGroup:
     stopping = threading.Event()
     threading.Thread(target=watch, args=(followers, stopping), name="rank-watch", daemon=True).start()
     engine = Engine(replace(config, rank=0, dist_init_method=init))
-    return RankGroup(engine, followers, stopping)
+    if make_role is None:
+        return RankGroup(engine, followers, stopping)
+    role = make_role(engine)
+    targets = gather_targets(role, engine.parallel.world, engine.parallel.host_group)
+    return RankGroup(engine, followers, stopping, role, targets)

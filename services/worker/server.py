@@ -112,16 +112,26 @@ class Attached:
 Role = Callable[[Setup], Attached]
 
 
-async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOptions, role: Role) -> None:
-    """Run a worker: `role` (the prefill, decode or colocated package's `attach`) adds its gRPC service."""
+async def serve(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    transfer: TransferOptions,
+    role: Role,
+    make_rank: Callable[[TransferOptions, str], Callable[[Engine], Any]] | None = None,
+) -> None:
+    """Run a worker: `role` (the prefill, decode or colocated package's `attach`) adds its gRPC service;
+    `make_rank` (theirs too, where KV moves) gives every rank of a parallel worker what it needs for that."""
     cleanup = []
+    public_host = _routable(transfer.host)
     if config.parallel.world > 1:
-        if config.role != "colocated":
+        if config.role != "colocated" and config.parallel.dp > 1:
             raise SystemExit(
-                f"a {config.role} worker runs one rank for now (moving tensor-parallel KV caches between workers "
-                "is not implemented); use --tp/--dp/--ep with a colocated worker"
+                f"a {config.role} worker runs tensor-parallel ranks (--tp) for now: data-parallel attention "
+                "(--dp) on prefill and decode workers is not implemented; use it with a colocated worker"
             )
-        engine: Any = start_ranks(config, _free_port())
+        maker = make_rank(transfer, public_host) if make_rank is not None else None
+        engine: Any = start_ranks(config, _free_port(), maker)
         cleanup.append(engine.close)
     else:
         engine = Engine(config)
@@ -129,7 +139,6 @@ async def serve(config: EngineConfig, host: str, port: int, transfer: TransferOp
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
-    public_host = _routable(transfer.host)
     attached = role(Setup(config, engine, server, f"{public_host}:{bound}", transfer, public_host))
     aengine = attached.aengine
     service = WorkerService(aengine, attached.endpoints, attached.host_id, attached.transferred)

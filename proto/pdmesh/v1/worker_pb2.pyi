@@ -181,7 +181,7 @@ class KvEndpoint(_message.Message):
     def __init__(self, protocol: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class KvDestination(_message.Message):
-    __slots__ = ("base_address", "block_nbytes", "block_ids", "num_cached_tokens", "layout_fingerprint", "endpoints", "host_id", "lease_address", "lease_s")
+    __slots__ = ("base_address", "block_nbytes", "block_ids", "num_cached_tokens", "layout_fingerprint", "endpoints", "host_id", "lease_address", "lease_s", "ranks")
     BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_NBYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class KvDestination(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     base_address: int
     block_nbytes: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -200,7 +201,18 @@ class KvDestination(_message.Message):
     host_id: str
     lease_address: str
     lease_s: float
-    def __init__(self, base_address: _Optional[int] = ..., block_nbytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., host_id: _Optional[str] = ..., lease_address: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[KvRank]
+    def __init__(self, base_address: _Optional[int] = ..., block_nbytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_cached_tokens: _Optional[int] = ..., layout_fingerprint: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., host_id: _Optional[str] = ..., lease_address: _Optional[str] = ..., lease_s: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[KvRank, _Mapping]]] = ...) -> None: ...
+
+class KvRank(_message.Message):
+    __slots__ = ("endpoints", "host_id", "base_address")
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[KvEndpoint]
+    host_id: str
+    base_address: int
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[KvEndpoint, _Mapping]]] = ..., host_id: _Optional[str] = ..., base_address: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling")
@@ -219,16 +231,18 @@ class ReserveResponse(_message.Message):
     def __init__(self, destination: _Optional[_Union[KvDestination, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "first_token", "kv_checksum", "first_logprob")
+    __slots__ = ("request_id", "first_token", "kv_checksum", "first_logprob", "rank_kv_checksums")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    RANK_KV_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token: int
     kv_checksum: int
     first_logprob: TokenLogprob
-    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., kv_checksum: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ...) -> None: ...
+    rank_kv_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[int] = ..., kv_checksum: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., rank_kv_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finished", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "logprobs", "timings")
@@ -295,7 +309,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[KvDestination, _Mapping]] = ..., kv_checksum: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "text", "finish_reason", "stop_reason", "cached_tokens", "timings", "kv_checksum", "transferred_bytes", "first_logprob")
+    __slots__ = ("first_token", "text", "finish_reason", "stop_reason", "cached_tokens", "timings", "kv_checksum", "transferred_bytes", "first_logprob", "rank_kv_checksums")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +319,7 @@ class PrefillResponse(_message.Message):
     KV_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_BYTES_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    RANK_KV_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     text: str
     finish_reason: str
@@ -314,7 +329,8 @@ class PrefillResponse(_message.Message):
     kv_checksum: int
     transferred_bytes: int
     first_logprob: TokenLogprob
-    def __init__(self, first_token: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., kv_checksum: _Optional[int] = ..., transferred_bytes: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ...) -> None: ...
+    rank_kv_checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, first_token: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., cached_tokens: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., kv_checksum: _Optional[int] = ..., transferred_bytes: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., rank_kv_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
