@@ -6,8 +6,6 @@ every rank."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import pytest
 
 from services.engine import LLM, SamplingParams
-from tests.cluster import ROOT, Cluster, load, random_prompts, start_cluster, stream_completion, wait_until
+from tests.cluster import Cluster, load, random_prompts, start_cluster, stream_completion, wait_until
 
 MAX_TOKENS = 12
 PROMPTS = random_prompts(11, [5, 23, 40, 9])
@@ -149,11 +147,3 @@ def test_a_lost_rank_takes_the_worker_down(dense: Path, tmp_path: Path) -> None:
         assert "exited" in worker.tail()
     finally:
         cluster.stop()
-
-
-def test_prefill_and_decode_workers_refuse_data_parallel_ranks(dense: Path) -> None:
-    for role in ("prefill", "decode"):
-        argv = [sys.executable, "-m", "services.cli", role, "--model", str(dense), "--dp", "2"]
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert done.returncode != 0
-        assert "colocated worker" in done.stderr and "data-parallel" in done.stderr

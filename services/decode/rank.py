@@ -4,7 +4,7 @@ and lists every rank's pool in the destinations it hands out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from services.engine.engine import Engine, RequestOutput
@@ -51,19 +51,34 @@ class MakeDecodeRank:
 
 
 class RankedReceiver:
-    """The receiver of a tensor-parallel decode worker, on rank 0: destinations list every rank's pool (the ranks
-    allocate in step, so one list of block ids serves them all); checksums come from every rank."""
+    """The receiver of a decode worker with several ranks, on rank 0. A request lives on one data-parallel replica
+    (the one it was reserved on); its destination lists that replica's tensor-parallel ranks' pools (they
+    allocate in step, so one list of block ids serves them all), and its checksums come from those ranks."""
 
     def __init__(self, group: Any) -> None:
         self.group = group  # a RankGroup whose role is a DecodeRank on every rank
         self.local: KvReceiver = group.role.receiver
 
     def destination(
-        self, block_ids: list[int], num_cached_tokens: int, lease_address: str, lease_s: float
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_cached_tokens: int,
+        lease_address: str,
+        lease_s: float,
     ) -> KvDestination:
-        d = self.local.destination(block_ids, num_cached_tokens, lease_address, lease_s)
-        return KvDestination(**{**d.__dict__, "ranks": tuple(self.group.targets)})
+        d = self.local.destination(request_id, block_ids, num_cached_tokens, lease_address, lease_s)
+        ranks: list[RankTarget] = self.group.targets_of(self.group.seqs[request_id])
+        first = ranks[0]
+        return replace(
+            d,
+            endpoints=first.endpoints,
+            host_id=first.host_id,
+            base_address=first.base_address,
+            ranks=tuple(ranks),
+        )
 
-    def checksums(self, block_ids: list[int], num_cached_tokens: int) -> list[int]:
-        """Engine thread: every rank's checksum of the blocks written, in rank order."""
-        return self.group.call_now("role.checksum", block_ids, num_cached_tokens)
+    def checksums(self, request_id: str, block_ids: list[int], num_cached_tokens: int) -> list[int]:
+        """Engine thread: the checksum of the blocks written on each rank holding the request, in rank order."""
+        replica = self.group.seqs[request_id]
+        return self.group.call_now("role.checksum", block_ids, num_cached_tokens, replica=replica)

@@ -94,7 +94,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         self._ensure_sweeper()
         context.add_done_callback(lambda ctx: self._caller_gone(rid) if ctx.cancelled() else None)
         destination = self.receiver.destination(
-            reservation.block_ids, reservation.num_cached_tokens, self.address, self.lease_s
+            rid, reservation.block_ids, reservation.num_cached_tokens, self.address, self.lease_s
         )
         return pb.ReserveResponse(destination=destination_to_proto(destination))
 
@@ -122,7 +122,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         if request.HasField("kv_checksum"):
             sent = list(request.rank_kv_checksums) or [request.kv_checksum]
             got = await self.aengine.call(
-                self.receiver.checksums, reservation.block_ids, reservation.num_cached_tokens
+                self.receiver.checksums, rid, reservation.block_ids, reservation.num_cached_tokens
             )
             if got != sent:
                 await self.aengine.call(self.engine.release, rid)

@@ -80,6 +80,7 @@ class LoadCounts:
     computed_prompt_tokens: int = 0
     preemptions: int = 0
     pending_tokens: int = 0  # tokens of waiting and running requests whose KV is not computed yet
+    tbo_steps: int = 0  # forwards run as two overlapped micro-batches
 
     def __add__(self, other: LoadCounts) -> LoadCounts:
         return LoadCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -303,6 +304,7 @@ class Engine:
             computed_prompt_tokens=runner.num_computed_prompt_tokens,
             preemptions=scheduler.stats.num_preemptions,
             pending_tokens=sum(s.num_pending_tokens for s in (*scheduler.waiting, *scheduler.running)),
+            tbo_steps=runner.num_tbo_steps,
         )
 
     def kv_snapshot(self) -> tuple[int, list[int]]:

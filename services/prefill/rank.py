@@ -8,6 +8,7 @@ rank's is.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from services.engine.engine import Engine, RequestOutput
 from services.transfer.destination import KvDestination
 from services.transfer.mooncake_engine import open_engines
-from services.transfer.sender import KvSender, RequestTransfer
+from services.transfer.sender import KvSender
 from services.transfer.staging import StagingBuffer
 
 
@@ -49,6 +50,7 @@ class RankStatus:
     bytes_sent: int
     kv_checksum: int | None
     finished: float | None
+    last_progress: float = 0.0
 
 
 class PrefillRank:
@@ -97,7 +99,9 @@ class PrefillRank:
     def report(self) -> tuple[int, dict[str, RankStatus]]:
         """KV bytes this rank sent in all, and its requests' transfers."""
         statuses = {
-            t.request_id: RankStatus(t.done.is_set(), t.error, t.bytes_sent, t.kv_checksum, t.finished)
+            t.request_id: RankStatus(
+                t.done.is_set(), t.error, t.bytes_sent, t.kv_checksum, t.finished, t.last_progress
+            )
             for t in list(self.sender.requests.values())
         }
         for request_id, why in self._refused.items():
@@ -127,27 +131,36 @@ class MakePrefillRank:
 
 @dataclass
 class RankedTransfer:
-    """A request's transfer over every rank: over when all are, failed when any failed."""
+    """A request's transfer over the ranks that hold it: over when all are, failed when any failed."""
 
     error: str | None
     finished: float | None
     bytes_sent: int
-    kv_checksum: int | None  # rank 0's
+    kv_checksum: int | None  # the first rank's
     rank_kv_checksums: list[int] = field(default_factory=list)
 
 
+@dataclass
+class RankedRequest:
+    """What rank 0 knows of a request's transfer (the lease keeper renews its reservation while it progresses)."""
+
+    request_id: str
+    destination: KvDestination
+    last_progress: float = field(default_factory=time.monotonic)
+
+
 class RankedSender:
-    """Rank 0's view of a tensor-parallel prefill worker's KV writers, with the KvSender interface the Prefill
-    service and its lease keeper use. Calls go to every rank's PrefillRank with the next exchange (the engine
-    thread keeps exchanging while a transfer is awaited); rank 0's own sender stands for all ranks' requests
-    (they apply the same calls in the same order)."""
+    """Rank 0's view of the KV writers of a prefill worker with several ranks, with the KvSender interface the
+    Prefill service and its lease keeper use. A request lives on one data-parallel replica; its tensor-parallel
+    ranks each write their own heads. Calls reach the ranks with the next exchange (the engine thread keeps
+    exchanging while a transfer is awaited); a transfer is over when it is over on every rank holding it."""
 
     def __init__(self, group: Any, post: Callable[..., None]) -> None:
         self.group = group  # a RankGroup whose role is a PrefillRank on every rank
         self.post = post  # run a function on the engine thread (AsyncEngine.post)
-        self.local: KvSender = group.role.sender
-        self.timeout_s = self.local.timeout_s
-        self.ranks = group.parallel.config.tp
+        self.timeout_s = group.role.sender.timeout_s
+        self.tp = group.parallel.config.tp
+        self.requests: dict[str, RankedRequest] = {}
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Callable[[], None]]] = {}
         self._statuses: list[dict[str, RankStatus]] = []
@@ -156,31 +169,34 @@ class RankedSender:
         group.on_exchange = self._update
 
     @property
-    def requests(self) -> dict[str, RequestTransfer]:
-        return self.local.requests
-
-    @property
     def bytes_sent(self) -> int:
         return sum(self._sent)
 
-    def active(self) -> list[RequestTransfer]:
-        return self.local.active()
+    def active(self) -> list[RankedRequest]:
+        return [t for t in list(self.requests.values()) if self.result(t.request_id) is None]
 
     # ---- engine thread -------------------------------------------------------------------------------------
     def begin(
         self, request_id: str, destination: KvDestination, num_tokens: int, checksum: bool, lease_until: float
     ) -> None:
-        for rank in range(self.ranks):
+        for rank in range(self.tp):
             destination.for_rank(rank)  # ValueError here: the request is refused before any rank starts it
-        self.group.queue("role.begin", request_id, destination, num_tokens, checksum, lease_until)
+        replica = self.group.seqs[request_id]  # where add_request put it
+        args = (request_id, destination, num_tokens, checksum, lease_until)
+        self.group.queue("role.begin", *args, replica=replica)
+        self.requests[request_id] = RankedRequest(request_id, destination)
 
     def forget(self, request_id: str) -> None:
         self.group.queue("role.forget", request_id)
+        self.requests.pop(request_id, None)
 
     def _update(self, reports: list[tuple[int, dict[str, RankStatus]]]) -> None:
         """After every exchange: every rank's report; wake those waiting for a transfer that is over."""
         self._sent = [sent for sent, _ in reports]
         self._statuses = [statuses for _, statuses in reports]
+        for t in list(self.requests.values()):
+            progress = [s[t.request_id].last_progress for s in self._statuses if t.request_id in s]
+            t.last_progress = max([t.last_progress, *progress])
         with self._lock:
             over = [rid for rid in self._waiting if self.result(rid) is not None]
             callbacks = [cb for rid in over for cb in self._waiting.pop(rid)]
@@ -199,13 +215,11 @@ class RankedSender:
 
     def when_done(self, request_id: str, callback: Callable[[], None]) -> bool:
         """Call callback once every rank's transfer of the request is over; False for an unknown request."""
-        if request_id not in self.local.requests and self.result(request_id) is None:
+        if request_id not in self.requests:
             return False
         with self._lock:
-            if self.result(request_id) is not None:
-                over = True
-            else:
-                over = False
+            over = self.result(request_id) is not None
+            if not over:
                 self._waiting.setdefault(request_id, []).append(callback)
         if over:
             callback()
@@ -214,18 +228,14 @@ class RankedSender:
         return True
 
     def result(self, request_id: str) -> RankedTransfer | None:
-        """The request's transfer over every rank, once it is over on all of them; None before."""
-        statuses = self._statuses
-        if len(statuses) != self.ranks:
+        """The request's transfer, once it is over on every rank holding it; None before."""
+        mine = [s[request_id] for s in self._statuses if request_id in s]
+        if len(mine) < self.tp or not all(s.done for s in mine):
             return None
-        mine = [s.get(request_id) for s in statuses]
-        if any(s is None or not s.done for s in mine):
-            return None
-        done = [s for s in mine if s is not None]
-        error = next((s.error for s in done if s.error), None)
-        finished = max((s.finished for s in done if s.finished is not None), default=None)
-        checksums = [s.kv_checksum for s in done if s.kv_checksum is not None]
+        error = next((s.error for s in mine if s.error), None)
+        finished = max((s.finished for s in mine if s.finished is not None), default=None)
+        checksums = [s.kv_checksum for s in mine if s.kv_checksum is not None]
         return RankedTransfer(
-            error, finished, sum(s.bytes_sent for s in done), done[0].kv_checksum,
-            checksums if len(checksums) == len(done) else [],
+            error, finished, sum(s.bytes_sent for s in mine), mine[0].kv_checksum,
+            checksums if len(checksums) == len(mine) else [],
         )  # fmt: skip

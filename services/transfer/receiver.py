@@ -22,7 +22,12 @@ class KvReceiver:
         engines.register(kv)
 
     def destination(
-        self, block_ids: list[int], num_cached_tokens: int, lease_address: str, lease_s: float
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_cached_tokens: int,
+        lease_address: str,
+        lease_s: float,
     ) -> KvDestination:
         return KvDestination(
             endpoints=self.engines.endpoints,
@@ -40,6 +45,6 @@ class KvReceiver:
         """Checksum of the blocks a prefill worker wrote (the uncached ones), to compare with the sender's."""
         return kv_checksum(self.kv, block_ids[num_cached_tokens // self.block_size :])
 
-    def checksums(self, block_ids: list[int], num_cached_tokens: int) -> list[int]:
+    def checksums(self, request_id: str, block_ids: list[int], num_cached_tokens: int) -> list[int]:
         """Every rank's checksum (this worker has one)."""
         return [self.checksum(block_ids, num_cached_tokens)]

@@ -35,7 +35,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["safetensors", "dummy"],
         help="dummy: random weights, no checkpoint read (benchmarks; config.json and tokenizer still needed)",
     )
-    par = parser.add_argument_group("parallelism (colocated workers; one GPU per rank, all on this host)")
+    par = parser.add_argument_group(
+        "parallelism (one GPU per rank, all on this host; prefill and decode workers: the same layout on both sides)"
+    )
     par.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per replica (default 1)")
     par.add_argument(
         "--dp", type=int, default=1, help="data-parallel attention replicas (default 1); ranks = tp x dp"
@@ -50,6 +52,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="how tokens reach their experts with --dp > 1 (default: all_gather on GPUs)",
     )
     par.add_argument("--tbo", action="store_true", help="two-batch overlap (kept only where it is faster)")
+    par.add_argument(
+        "--tbo-min-prefill-tokens", type=int, default=4096, help="TBO only for steps of at least this many tokens"
+    )
+    par.add_argument(
+        "--tbo-min-decode-seqs", type=int, default=128, help="TBO only for decode steps of at least this many"
+    )
     parser.add_argument(
         "--transfer-protocol",
         default="auto",

@@ -43,9 +43,12 @@ HEARTBEAT_S = 30.0  # idle followers hear from rank 0 at least this often (well 
 EXIT_DELAY_S = 1.0  # after a rank fails: time for the failed requests' errors to reach their callers
 
 
+ALL_REPLICAS = -1
+
+
 @dataclass(frozen=True)
 class Call:
-    replica: int  # the data-parallel replica whose ranks apply it
+    replica: int  # the data-parallel replica whose ranks apply it (ALL_REPLICAS: every rank)
     method: str  # add_request | abort
     args: tuple[Any, ...]
 
@@ -56,7 +59,7 @@ class StepReport:
     busy: bool
     load: LoadCounts
     error: str = ""
-    results: list[Any] = field(default_factory=list)  # of the calls this rank applied, in order
+    results: list[Any] = field(default_factory=list)  # one per call sent (None where another replica's)
     role: Any = None  # what the rank's role reports (e.g. its KV transfers)
 
 
@@ -110,10 +113,7 @@ class RankGroup:
         self.check_request(prompt_ids, params)  # refused here, before any rank sees it
         if request_id in self.seqs:
             raise ValueError(f"request {request_id} is already running")
-        live = [0] * self.parallel.config.dp
-        for replica in self.seqs.values():
-            live[replica] += 1
-        replica = min(range(len(live)), key=live.__getitem__)
+        replica = self._pick_replica()
         self.seqs[request_id] = replica
         # NOTE: the monotonic clock is the host's, so the arrival means the same on every rank
         self._pending.append(Call(replica, "add_request", (request_id, prompt_ids, params, arrival)))
@@ -132,34 +132,40 @@ class RankGroup:
             self._exchange(step=False)
         return self._busy or self.pending()
 
-    # ---- prefill and decode roles (one replica) ----------------------------------------------------------
-    def queue(self, method: str, *args: Any) -> None:
-        """A call every rank applies with the next exchange, in order with the others."""
+    # ---- prefill and decode roles --------------------------------------------------------------------------
+    def queue(self, method: str, *args: Any, replica: int = ALL_REPLICAS) -> None:
+        """A call the ranks of `replica` apply with the next exchange, in order with the others."""
         self._check_alive()
-        self._pending.append(Call(0, method, args))
+        self._pending.append(Call(replica, method, args))
         self._busy = True
 
-    def call_now(self, method: str, *args: Any) -> list[Any]:
-        """Apply a call on every rank now (after those queued before it); every rank's result, in rank order."""
+    def call_now(self, method: str, *args: Any, replica: int = ALL_REPLICAS) -> list[Any]:
+        """Apply a call now (after those queued before it); the result of each rank of `replica`, in rank order."""
         self._check_alive()
-        self._pending.append(Call(0, method, args))
+        self._pending.append(Call(replica, method, args))
         reports = self._exchange(step=False)
         errors = [f"rank {r}: {rep.error}" for r, rep in enumerate(reports) if rep.error]
         if errors:
             self._fail("; ".join(errors))
-        return [rep.results[-1] for rep in reports]
+        return [rep.results[-1] for rep in reports[self._ranks_of(replica)]]
+
+    def targets_of(self, replica: int) -> list[Any]:
+        """The role targets of one replica's ranks (its tensor-parallel ranks, in order)."""
+        return self.targets[self._ranks_of(replica)]
 
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Any:
         self.check_request(prompt_ids, params)
-        results = self.call_now("reserve", request_id, prompt_ids, params)
+        replica = self._pick_replica()
+        results = self.call_now("reserve", request_id, prompt_ids, params, replica=replica)
         if any(r != results[0] for r in results):  # the ranks allocate in step, or their KV would not match
             self._fail(f"the ranks reserved different blocks for {request_id}: {results}")
         if results[0] is not None:
-            self.seqs[request_id] = 0
+            self.seqs[request_id] = replica
         return results[0]
 
     def admit_prefilled(self, request_id: str, first_token: int) -> list[RequestOutput]:
-        outputs = self.call_now("admit_prefilled", request_id, first_token)[0]
+        replica = self.seqs[request_id]
+        outputs = self.call_now("admit_prefilled", request_id, first_token, replica=replica)[0]
         self._busy = True
         for out in outputs:
             if out.finished:
@@ -167,8 +173,20 @@ class RankGroup:
         return outputs
 
     def release(self, request_id: str) -> None:
-        self.seqs.pop(request_id, None)
-        self.queue("release", request_id)
+        self.queue("release", request_id, replica=self.seqs.pop(request_id, ALL_REPLICAS))
+
+    def _pick_replica(self) -> int:
+        """The data-parallel replica with the fewest live requests."""
+        live = [0] * self.parallel.config.dp
+        for replica in self.seqs.values():
+            live[replica] += 1
+        return min(range(len(live)), key=live.__getitem__)
+
+    def _ranks_of(self, replica: int) -> slice:
+        if replica == ALL_REPLICAS:
+            return slice(None)
+        tp = self.parallel.config.tp
+        return slice(replica * tp, (replica + 1) * tp)
 
     def step(self) -> list[RequestOutput]:
         self._check_alive()
@@ -238,11 +256,13 @@ def apply(engine: Engine, role: Any, replica: int, calls: list[Call], step: bool
     results: list[Any] = []
     try:
         for call in calls:
-            if call.replica == replica:
-                target, name = (
-                    (role, call.method[5:]) if call.method.startswith("role.") else (engine, call.method)
-                )
-                results.append(getattr(target, name)(*call.args))
+            if call.replica not in (replica, ALL_REPLICAS):
+                results.append(None)
+                continue
+            target, name = (
+                (role, call.method[5:]) if call.method.startswith("role.") else (engine, call.method)
+            )
+            results.append(getattr(target, name)(*call.args))
         if step:
             outputs = engine.step()
             if role is not None:

@@ -72,6 +72,8 @@ def engine_config(args: argparse.Namespace, role: str, model: str) -> EngineConf
         parallel=ParallelConfig(args.tp, args.dp, args.ep),
         ep_dispatch=args.ep_dispatch,
         tbo=args.tbo,
+        tbo_min_prefill_tokens=args.tbo_min_prefill_tokens,
+        tbo_min_decode_seqs=args.tbo_min_decode_seqs,
     )
 
 
@@ -125,11 +127,6 @@ async def serve(
     cleanup = []
     public_host = _routable(transfer.host)
     if config.parallel.world > 1:
-        if config.role != "colocated" and config.parallel.dp > 1:
-            raise SystemExit(
-                f"a {config.role} worker runs tensor-parallel ranks (--tp) for now: data-parallel attention "
-                "(--dp) on prefill and decode workers is not implemented; use it with a colocated worker"
-            )
         maker = make_rank(transfer, public_host) if make_rank is not None else None
         engine: Any = start_ranks(config, _free_port(), maker)
         cleanup.append(engine.close)

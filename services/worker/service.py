@@ -33,6 +33,7 @@ def load_of(engine: ServingEngine, transferred_bytes: int = 0) -> pb.Load:
                 used_blocks=r.used_blocks,
                 total_blocks=r.total_blocks,
                 pending_tokens=r.pending_tokens,
+                computed_tokens=r.computed_tokens,
             )
             for r in replicas
         )
