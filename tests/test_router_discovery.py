@@ -182,13 +182,20 @@ def test_kubernetes_pods_watched(llama_checkpoint: Path, tmp_path: Path) -> None
         api.stop()
 
 
-def test_static_workers_with_unequal_layouts_stop_the_router(llama_checkpoint: Path, tmp_path: Path) -> None:
-    """Prefill and decode workers that could not exchange KV: the router never serves, and says why, naming
-    both layouts."""
+@pytest.mark.parametrize(
+    ("prefill_args", "decode_args", "marks"),
+    [((), ("--block-size", "32"), ("|B16|", "|B32|")), (("--tp", "2"), (), ("|TP2", "|TP1"))],
+    ids=["block-size", "tensor-parallel"],
+)
+def test_static_workers_with_unequal_layouts_stop_the_router(
+    llama_checkpoint: Path, tmp_path: Path, prefill_args: tuple, decode_args: tuple, marks: tuple
+) -> None:
+    """Prefill and decode workers that could not exchange KV (another block size, another tensor-parallel
+    layout): the router never serves, and says why, naming both layouts."""
     cluster = Cluster(llama_checkpoint, tmp_path)
     try:
-        cluster.worker("prefill")
-        cluster.worker("decode", "--block-size", "32")
+        cluster.worker("prefill", *prefill_args)
+        cluster.worker("decode", *decode_args)
         cluster.wait_workers()
         cluster.router()
 
@@ -198,7 +205,7 @@ def test_static_workers_with_unequal_layouts_stop_the_router(llama_checkpoint: P
 
         wait_until(lambda: "KV layout" in refusal(), 30, "the router to refuse the fleet")
         message = refusal()
-        assert "|B16|" in message and "|B32|" in message and "TP1" in message, message
+        assert all(mark in message for mark in marks), message
         body = {"model": llama_checkpoint.name, "prompt": PROMPT, "max_tokens": 2}
         r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=30)
         assert r.status_code == 503 and "KV layout" in r.json()["error"]["message"]
