@@ -53,7 +53,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     par.add_argument("--tbo", action="store_true", help="two-batch overlap (kept only where it is faster)")
     par.add_argument(
-        "--tbo-min-prefill-tokens", type=int, default=4096, help="TBO only for steps of at least this many tokens"
+        "--tbo-min-prefill-tokens",
+        type=int,
+        default=4096,
+        help="TBO only for steps of at least this many tokens",
     )
     par.add_argument(
         "--tbo-min-decode-seqs", type=int, default=128, help="TBO only for decode steps of at least this many"
