@@ -6,7 +6,9 @@ STAMP := $(VENV)/.pdmesh-setup
 PYTEST_ARGS ?=
 UP_ARGS ?=
 
-.PHONY: setup run test lint format proto bench clean
+HELM := .tools/bin/helm
+
+.PHONY: setup run test helm-test lint format proto bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +19,15 @@ $(STAMP): pyproject.toml scripts/setup.sh
 run: $(STAMP)
 	$(BIN)/pdmesh up $(UP_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the Helm chart: helm lint --strict and kubernetes-validate over a matrix of values, and manifest tests
+helm-test: $(STAMP) $(HELM)
+	$(BIN)/python -m pytest -q tests/test_helm.py
+
+$(HELM): scripts/helm.sh
+	scripts/helm.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests bench
