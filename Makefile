@@ -8,7 +8,7 @@ UP_ARGS ?=
 
 HELM := .tools/bin/helm
 
-.PHONY: setup run test helm-test lint format proto bench clean
+.PHONY: setup run test helm-test images lint format proto bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,19 @@ helm-test: $(STAMP) $(HELM)
 
 $(HELM): scripts/helm.sh
 	scripts/helm.sh
+
+# container images (needs docker; see deploy/docker/*.Dockerfile for the platforms' build arguments)
+DOCKER ?= docker
+TAG ?= 0.1.0
+images:
+	$(DOCKER) build -f deploy/docker/router.Dockerfile -t pdmesh-router:$(TAG) .
+	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-cuda12 .
+	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-cuda13 \
+		--build-arg BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 \
+		--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 --build-arg MOONCAKE=mooncake-transfer-engine-cuda13
+	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-rocm \
+		--build-arg BASE=rocm/dev-ubuntu-24.04:6.4 --build-arg TORCH_INDEX=https://download.pytorch.org/whl/rocm6.4 \
+		--build-arg MOONCAKE=mooncake-transfer-engine-non-cuda
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests bench
