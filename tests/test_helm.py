@@ -119,6 +119,17 @@ def test_gpus_rdma_probes_and_draining() -> None:
     assert find(docs, "Ingress", "-router")["spec"]["rules"][0]["host"] == "llm.example.com"
 
 
+def test_pools_on_different_gpu_models() -> None:
+    docs = render("-f", str(ROOT / "deploy/helm/values/per-gpu-model.yaml"))
+    products = {}
+    for role in ("prefill", "decode"):
+        pod = find(docs, "Deployment", f"-{role}")["spec"]["template"]["spec"]
+        products[role] = pod["nodeSelector"]["nvidia.com/gpu.product"]
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert products == {"prefill": "NVIDIA-H200", "decode": "NVIDIA-H100-80GB-HBM3"}
+
+
 def test_rocm_and_colocated_pools() -> None:
     docs = render("-f", str(ROOT / "deploy/helm/values/rocm.yaml"))
     decode = find(docs, "Deployment", "-decode")

@@ -633,12 +633,19 @@ async def _stream_events(
             yield R.sse(R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}))
         fmts = [R.LogprobFormatter(router.tokenizer, spec.chat) for _ in streams]
         ttfts: list[float | None] = [None] * len(streams)
+        sent: list[float | None] = [None] * len(streams)  # when each stream's last chunk went out
+        itl = router.metrics.itl
         async with contextlib.aclosing(_merged(streams)) as merged:  # NOTE: closed at once on a disconnect
             async for index, item in merged:
+                now = time.monotonic()
                 if item is None:
-                    router.observe(streams[index], ttfts[index] or 0.0, time.monotonic() - started)
+                    router.observe(streams[index], ttfts[index] or 0.0, now - started)
                     continue
-                ttfts[index] = ttfts[index] if ttfts[index] is not None else time.monotonic() - started
+                if sent[index] is None:
+                    ttfts[index] = now - started
+                else:
+                    itl.observe(now - sent[index])  # type: ignore[operator]
+                sent[index] = now
                 lp = fmts[index].add(item.logprobs)
                 if spec.chat:
                     delta = {"content": item.text} if item.text or not item.finish_reason else {}

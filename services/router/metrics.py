@@ -32,6 +32,13 @@ class RouterMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        self.itl = Histogram(
+            "pdmesh_inter_token_latency_seconds",
+            "Time between consecutive chunks of a streamed response, as its client gets them (a chunk holds the "
+            "tokens that were ready together, usually one)",
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
         self.e2e = Histogram(
             "pdmesh_e2e_request_latency_seconds", "Request latency", buckets=LATENCY_BUCKETS, registry=r
         )
