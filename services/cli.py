@@ -64,7 +64,10 @@ def _worker(role: str) -> Callable[[argparse.Namespace], None]:
         model = args.model or str(default_model_dir())
         config = engine_config(args, role, model)
         make_rank = getattr(module, "make_rank", None)
-        asyncio.run(serve(config, args.host, args.port, transfer_options(args), module.attach, make_rank))
+        options = transfer_options(args)
+        asyncio.run(
+            serve(config, args.host, args.port, options, module.attach, make_rank, args.drain_timeout)
+        )
 
     return run
 

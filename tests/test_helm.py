@@ -108,6 +108,8 @@ def test_gpus_rdma_probes_and_draining() -> None:
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert worker[probe]["grpc"]["port"] == 50051
         assert worker["lifecycle"]["preStop"]["sleep"]["seconds"] == 15
+        assert "--drain-timeout=30" in args  # preStop pause + drain fit in the grace period
+        assert pod["terminationGracePeriodSeconds"] >= 15 + 30
         shm = next(v for v in pod["volumes"] if v["name"] == "shm")
         assert shm["emptyDir"]["medium"] == "Memory"
     router = find(docs, "Deployment", "-router")

@@ -84,3 +84,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quarantine", type=float, default=30.0, help="decode: seconds unconfirmed blocks wait"
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: seconds the requests under way get to finish (new ones are refused)",
+    )

@@ -121,6 +121,7 @@ async def serve(
     transfer: TransferOptions,
     role: Role,
     make_rank: Callable[[TransferOptions, str], Callable[[Engine], Any]] | None = None,
+    drain_s: float = 30.0,
 ) -> None:
     """Run a worker: `role` (the prefill, decode or colocated package's `attach`) adds its gRPC service;
     `make_rank` (theirs too, where KV moves) gives every rank of a parallel worker what it needs for that."""
@@ -156,8 +157,9 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s worker shutting down", config.role)
+    # drain: report NOT_SERVING, refuse new calls, let those under way (streams being decoded) finish
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=2.0)
+    await server.stop(grace=drain_s)
     aengine.stop()
     for fn in [*attached.cleanup, *cleanup]:
         fn()
