@@ -157,8 +157,9 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("%s worker shutting down", config.role)
-    # drain: report NOT_SERVING, refuse new calls, let those under way (streams being decoded) finish
+    # drain: report NOT_SERVING, end the routers' watch streams, refuse new calls, let requests under way finish
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    service.draining = True
     await server.stop(grace=drain_s)
     aengine.stop()
     for fn in [*attached.cleanup, *cleanup]:

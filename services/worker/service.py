@@ -54,6 +54,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.endpoints = endpoints
         self.host_id = host_id
         self.transferred = transferred
+        self.draining = (
+            False  # set when the worker stops: the watch streams end, so draining waits for requests only
+        )
 
     def info(self) -> pb.WorkerInfo:
         e = self.engine
@@ -79,7 +82,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self, request: pb.WatchLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Load]:
         interval = max(request.interval_s or 1.0, MIN_WATCH_INTERVAL_S)
-        while True:
+        while not self.draining:
             yield load_of(self.engine, self.transferred())
             await asyncio.sleep(interval)
 
@@ -96,7 +99,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         interval = max(request.interval_s or KV_EVENTS_INTERVAL_S, 0.005)
         block_size = engine.config.block_size
         seq = -1
-        while True:
+        while not self.draining:
             events = engine.allocator.events.since(seq) if seq >= 0 else None
             if events is None:  # joining, or fell behind what the log keeps: start over from a snapshot
                 seq, hashes = await self.aengine.call(engine.kv_snapshot)
