@@ -66,7 +66,16 @@ def _worker(role: str) -> Callable[[argparse.Namespace], None]:
         make_rank = getattr(module, "make_rank", None)
         options = transfer_options(args)
         asyncio.run(
-            serve(config, args.host, args.port, options, module.attach, make_rank, args.drain_timeout)
+            serve(
+                config,
+                args.host,
+                args.port,
+                options,
+                module.attach,
+                make_rank,
+                args.drain_timeout,
+                args.address_file,
+            )
         )
 
     return run
@@ -91,6 +100,12 @@ def _up(args: argparse.Namespace) -> None:
     from services.up import run_cluster
 
     sys.exit(run_cluster(args))
+
+
+def _ray(args: argparse.Namespace) -> None:
+    from services.raycluster.launch import run_ray
+
+    sys.exit(run_ray(args))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -143,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_up_arguments(up)
     up.set_defaults(func=_up)
+
+    from services.raycluster.launch import add_ray_arguments
+
+    ray = sub.add_parser("ray", help="run pdmesh on a Ray cluster: `pdmesh ray up|status|down`")
+    add_ray_arguments(ray)
+    ray.set_defaults(func=_ray)
 
     from services.loadtest.cli import add_bench_arguments
 

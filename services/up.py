@@ -30,10 +30,16 @@ STABLE_S = 60.0  # up this long: the next death starts the backoff over
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address the router listens on")
+    add_cluster_arguments(parser)
+    parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `pdmesh up` and `pdmesh ray up` share: the model, the fleet, the workers' engine and the router."""
     parser.add_argument(
         "--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     parser.add_argument("--port", type=int, default=8000, help="router port (default 8000)")
     parser.add_argument("--mode", choices=["pd", "colocated"], default="pd")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers (pd mode)")
@@ -72,7 +78,41 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         help="router replicas sharing the port (each its own process with its own view of the fleet)",
     )
     parser.add_argument("--api-key", help="require this API key at the router")
-    parser.add_argument("--log-dir", help="where component logs go (default: $PDMESH_HOME/logs/<time>)")
+
+
+def cluster_roles(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(role, workers) of the fleet `args` asks for; ValueError when it cannot serve."""
+    if args.routers < 1:
+        raise ValueError("--routers must be at least 1")
+    if args.mode == "colocated":
+        roles = [("colocated", args.colocated)]
+    else:
+        roles = [("prefill", args.prefill), ("decode", args.decode)]
+    for role, count in roles:
+        if count < 1:
+            raise ValueError(f"--{role} must be at least 1 in {args.mode} mode")
+    return roles
+
+
+def worker_argv(args: argparse.Namespace, model: str) -> list[str]:
+    """The options every worker of the fleet gets (each adds its own role, address and device)."""
+    argv = ["--model", model, "--dtype", args.dtype, "--block-size", str(args.block_size)]
+    argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    argv += ["--max-num-seqs", str(args.max_num_seqs), "--transfer-protocol", args.transfer_protocol]
+    argv += ["--load-format", args.load_format]
+    if args.num_blocks:
+        argv += ["--num-blocks", str(args.num_blocks)]
+    return argv
+
+
+def router_argv(args: argparse.Namespace, model: str) -> list[str]:
+    """The options every router replica gets (each adds where it listens and where its workers are)."""
+    argv = ["--model", model, "--policy", args.policy]
+    if args.kv_checksum:
+        argv.append("--kv-checksum")
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    return argv
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -183,32 +223,13 @@ def run_cluster(args: argparse.Namespace) -> int:
     home = Path(os.environ.get("PDMESH_HOME", Path.home() / ".cache" / "pdmesh"))
     log_dir = Path(args.log_dir) if args.log_dir else home / "logs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
-    roles = (
-        [("colocated", args.colocated)]
-        if args.mode == "colocated"
-        else [("prefill", args.prefill), ("decode", args.decode)]
-    )
+    try:
+        roles = cluster_roles(args)
+    except ValueError as e:
+        print(f"pdmesh up: error: {e}", file=sys.stderr)
+        return 2
     gpus = _gpu_count(args.device)
-    common = [
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--dtype",
-        args.dtype,
-        "--block-size",
-        str(args.block_size),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--transfer-protocol",
-        args.transfer_protocol,
-        "--load-format",
-        args.load_format,
-    ]
-    if args.num_blocks:
-        common += ["--num-blocks", str(args.num_blocks)]
+    common = [*worker_argv(args, model), "--host", "127.0.0.1"]
     cluster = Cluster(log_dir)
     stop_requested = False
 
@@ -231,22 +252,14 @@ def run_cluster(args: argparse.Namespace) -> int:
             cluster.start(f"{role}-{i}", argv)
             addresses.setdefault(role, []).append(f"127.0.0.1:{port}")
             index += 1
-    router_argv = ["router", "--model", model, "--host", args.host, "--port", str(args.port)]
-    router_argv += ["--policy", args.policy]
+    router_args = ["router", *router_argv(args, model), "--host", args.host, "--port", str(args.port)]
     for role, addrs in addresses.items():
-        router_argv += [f"--{role}", ",".join(addrs)]
-    if args.kv_checksum:
-        router_argv.append("--kv-checksum")
-    if args.api_key:
-        router_argv += ["--api-key", args.api_key]
-    if args.routers < 1:
-        print("pdmesh up: error: --routers must be at least 1", file=sys.stderr)
-        return 2
+        router_args += [f"--{role}", ",".join(addrs)]
     if args.routers == 1:
-        cluster.start("router", router_argv)
+        cluster.start("router", router_args)
     else:  # replicas on one port: the kernel spreads connections over them (SO_REUSEPORT)
         for i in range(args.routers):
-            cluster.start(f"router-{i}", [*router_argv, "--reuse-port"])
+            cluster.start(f"router-{i}", [*router_args, "--reuse-port"])
 
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     workers = ", ".join(f"{len(a)} {r}" for r, a in addresses.items())

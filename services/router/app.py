@@ -51,6 +51,13 @@ class KubernetesDiscovery:
 
 
 @dataclass(frozen=True)
+class RayDiscovery:
+    deployment: str  # the worker actors `pdmesh ray up --name` started: DEPLOYMENT-prefill-0, ...
+    namespace: str = "pdmesh"
+    address: str = "auto"  # the Ray cluster, when the router is not itself one of its actors
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     model: str  # checkpoint directory: tokenizer and chat template
     prefill: tuple[str, ...] = ()
@@ -72,6 +79,7 @@ class RouterConfig:
     dns_interval_s: float = 5.0
     dns_server: str | None = None
     kubernetes: KubernetesDiscovery | None = None
+    ray: RayDiscovery | None = None
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
 
     @property
@@ -89,10 +97,10 @@ class Router:
         for role, values in zip(ROLES, (config.prefill, config.decode, config.colocated), strict=True):
             static[role], names = split_addresses(role, values)
             self.dns_names += names
-        if not any(static.values()) and not self.dns_names and config.kubernetes is None:
+        if not any(static.values()) and not self.dns_names and config.kubernetes is None and config.ray is None:
             raise ValueError(
                 "no workers given: pass --prefill and --decode (or --colocated) addresses or dns:// names, "
-                "or --kubernetes-selector"
+                "--kubernetes-selector or --ray-deployment"
             )
         self.pool = WorkerPool(
             config.load_interval_s,
@@ -123,6 +131,12 @@ class Router:
             k = self.config.kubernetes
             pods = watch_pods(k.namespace, k.selector, k.port, k.role_label)
             self.pool.follow_source(f"kubernetes:{k.selector}", pods)
+        if self.config.ray is not None:
+            from services.router.discovery_ray import watch_actors
+
+            ray = self.config.ray
+            actors = watch_actors(ray.deployment, ray.namespace, ray.address)
+            self.pool.follow_source(f"ray:{ray.namespace}/{ray.deployment}", actors)
         self.spawn(self._become_ready())
         self.spawn(self._export_worker_metrics())
 
@@ -154,8 +168,8 @@ class Router:
     def _selected(self, worker: Worker, prompt_tokens: int, cached_tokens: int) -> None:
         m = self.metrics
         m.selections.labels(worker.role, worker.address, self.config.policy).inc()
-        m.routed_prompt_tokens.labels(worker.role).inc(prompt_tokens)
-        m.routed_cached_tokens.labels(worker.role).inc(cached_tokens)
+        m.routed_prompt_tokens.labels(worker.role, worker.address).inc(prompt_tokens)
+        m.routed_cached_tokens.labels(worker.role, worker.address).inc(cached_tokens)
 
     async def _export_worker_metrics(self) -> None:
         m = self.metrics
@@ -179,6 +193,7 @@ class Router:
                     m.worker_kv_used.labels(*labels).set(w.load.used_blocks)
                     m.worker_kv_total.labels(*labels).set(w.load.total_blocks)
                     m.worker_running.labels(*labels).set(w.load.running)
+                    m.worker_waiting.labels(*labels).set(w.load.waiting)
                     m.worker_bytes.labels(*labels).set(w.load.transferred_bytes)
                     m.export_replicas(w.role, w.address, w.load.replicas)
             await asyncio.sleep(self.config.poll_interval_s)

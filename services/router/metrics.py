@@ -50,6 +50,9 @@ class RouterMetrics:
             registry=r,
         )
         self.worker_up = Gauge("pdmesh_worker_up", "1 if the worker answers", ["role", "address"], registry=r)
+        self.worker_waiting = Gauge(
+            "pdmesh_worker_waiting_requests", "Requests queued at the worker", ["role", "address"], registry=r
+        )
         self.worker_kv_used = Gauge(
             "pdmesh_worker_kv_blocks_used", "KV blocks in use", ["role", "address"], registry=r
         )
@@ -70,14 +73,14 @@ class RouterMetrics:
         )
         self.routed_prompt_tokens = Counter(
             "pdmesh_router_routed_prompt_tokens",
-            "Prompt tokens of the requests routed, by role",
-            ["role"],
+            "Prompt tokens of the requests routed, by role and worker",
+            ["role", "address"],
             registry=r,
         )
         self.routed_cached_tokens = Counter(
             "pdmesh_router_routed_cached_tokens",
             "Of those, tokens the chosen worker held in its prefix cache at routing time (by the router's index)",
-            ["role"],
+            ["role", "address"],
             registry=r,
         )
         self.kv_index_blocks = Gauge(
@@ -145,6 +148,7 @@ class RouterMetrics:
             self.worker_kv_used,
             self.worker_kv_total,
             self.worker_running,
+            self.worker_waiting,
             self.worker_bytes,
             self.kv_index_blocks,
             self.kv_events_age,

@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 
-from services.router.app import KubernetesDiscovery, RouterConfig, create_app
+from services.router.app import KubernetesDiscovery, RayDiscovery, RouterConfig, create_app
 from services.router.pipeline import DispatchOptions
 from services.router.policies import POLICIES
 
@@ -57,6 +57,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     found.add_argument("--kubernetes-namespace", help="default: the router's own namespace")
     found.add_argument("--kubernetes-port", type=int, default=50051, help="the workers' gRPC port")
     found.add_argument("--kubernetes-role-label", default="pdmesh.io/role")
+    found.add_argument(
+        "--ray-deployment",
+        help="follow the worker actors `pdmesh ray up --name NAME` started (NAME-prefill-0, ...) on a Ray cluster",
+    )
+    found.add_argument("--ray-address", default="auto", help="the Ray cluster (with --ray-deployment)")
+    found.add_argument("--ray-namespace", default="pdmesh", help="the actors' Ray namespace")
     parser.add_argument(
         "--served-model-name", help="model name clients use (default: the checkpoint folder name)"
     )
@@ -140,6 +146,9 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
             args.kubernetes_port,
             args.kubernetes_role_label,
         )
+    ray = None
+    if args.ray_deployment:
+        ray = RayDiscovery(args.ray_deployment, args.ray_namespace, args.ray_address)
     return RouterConfig(
         model=model,
         prefill=_addresses(args.prefill),
@@ -159,6 +168,7 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
         dns_interval_s=args.dns_interval,
         dns_server=args.dns_server,
         kubernetes=kubernetes,
+        ray=ray,
         dispatch=DispatchOptions(
             prefill_timeout_s=args.prefill_timeout,
             token_timeout_s=args.token_timeout,
@@ -202,13 +212,18 @@ def _serve(config: RouterConfig, host: str, port: int, log_level: str, reuse_por
     if not reuse_port:
         server.run()
         return
+    server.run(sockets=[reuse_port_socket(host, port)])
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening address several router processes share (SO_REUSEPORT: the kernel spreads connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
-    server.run(sockets=[sock])
+    return sock
 
 
 def _supervise(config: RouterConfig, host: str, port: int, log_level: str, workers: int) -> None:

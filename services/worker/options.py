@@ -16,6 +16,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, default=0, help="gRPC port (default: a free one, printed at start)"
     )
+    parser.add_argument(
+        "--address-file", help="write the HOST:PORT the worker serves at to this file once it serves"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--block-size", type=int, default=16)

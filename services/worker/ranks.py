@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from services.common.lifetime import die_with_parent
 from services.common.sampling_params import SamplingParams
 from services.engine.config import EngineConfig
 from services.engine.engine import Engine, LoadCounts, RequestOutput
@@ -275,8 +276,12 @@ def apply(engine: Engine, role: Any, replica: int, calls: list[Call], step: bool
     return StepReport(outputs, engine.busy, engine.load_counts(), "", results, report)
 
 
-def follow(config: EngineConfig, make_role: Callable[[Engine], Any] | None = None) -> None:
-    """A follower rank's process: build the engine (and its role), then apply rank 0's messages until told to stop."""
+def follow(
+    config: EngineConfig, make_role: Callable[[Engine], Any] | None = None, parent_pid: int | None = None
+) -> None:
+    """A follower rank's process: build the engine (and its role), then apply rank 0's messages until told to stop.
+    It dies with rank 0's process: a killed worker leaves no rank holding its GPU."""
+    die_with_parent(parent_pid)
     engine = Engine(config)
     role = make_role(engine) if make_role is not None else None
     group, world = engine.parallel.host_group, engine.parallel.world
@@ -365,7 +370,7 @@ def start_ranks(
     for rank in range(1, config.parallel.world):
         p = ctx.Process(
             target=follow,
-            args=(replace(config, rank=rank, dist_init_method=init, progress=False), make_role),
+            args=(replace(config, rank=rank, dist_init_method=init, progress=False), make_role, os.getpid()),
             name=f"pdmesh-rank-{rank}",
             daemon=True,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -122,9 +123,11 @@ async def serve(
     role: Role,
     make_rank: Callable[[TransferOptions, str], Callable[[Engine], Any]] | None = None,
     drain_s: float = 30.0,
+    address_file: str | None = None,
 ) -> None:
     """Run a worker: `role` (the prefill, decode or colocated package's `attach`) adds its gRPC service;
-    `make_rank` (theirs too, where KV moves) gives every rank of a parallel worker what it needs for that."""
+    `make_rank` (theirs too, where KV moves) gives every rank of a parallel worker what it needs for that.
+    `address_file` gets HOST:PORT once the worker serves (for supervisors that start it on a free port)."""
     cleanup = []
     public_host = _routable(transfer.host)
     if config.parallel.world > 1:
@@ -137,7 +140,8 @@ async def serve(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
-    attached = role(Setup(config, engine, server, f"{public_host}:{bound}", transfer, public_host))
+    setup = Setup(config, engine, server, f"{public_host}:{bound}", transfer, public_host)
+    attached = role(setup)
     aengine = attached.aengine
     service = WorkerService(aengine, attached.endpoints, attached.host_id, attached.transferred)
     pb_grpc.add_WorkerServicer_to_server(service, server)
@@ -151,6 +155,8 @@ async def serve(
         f" (KV transfer {', '.join(f'{e.protocol} {e.session_id}' for e in endpoints)})" if endpoints else ""
     )
     print(f"pdmesh {config.role} worker listening on {host}:{bound}{suffix}", flush=True)
+    if address_file:
+        _write_atomically(address_file, setup.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,6 +170,13 @@ async def serve(
     aengine.stop()
     for fn in [*attached.cleanup, *cleanup]:
         fn()
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # a reader sees the whole address or no file
 
 
 def _free_port() -> int:
