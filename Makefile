@@ -35,6 +35,7 @@ TAG ?= 0.1.0
 images:
 	$(DOCKER) build -f deploy/docker/router.Dockerfile -t pdmesh-router:$(TAG) .
 	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-cuda12 .
+	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-cuda12-ray --build-arg EXTRAS=worker,ray .
 	$(DOCKER) build -f deploy/docker/worker.Dockerfile -t pdmesh-worker:$(TAG)-cuda13 \
 		--build-arg BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04 \
 		--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 --build-arg MOONCAKE=mooncake-transfer-engine-cuda13

@@ -60,6 +60,8 @@ class WorkerActor:
     def _supervise(self) -> None:
         parent = os.getpid()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if order := _gpu_order():
+            env["CUDA_VISIBLE_DEVICES"] = order
         self._proc = subprocess.Popen(self._command, env=env, preexec_fn=lambda: die_with_parent(parent))
         self._spawned.set()
         code = self._proc.wait()
@@ -92,6 +94,22 @@ class WorkerActor:
             proc.wait()
         shutil.rmtree(self._dir, ignore_errors=True)
         return proc.returncode
+
+
+def _gpu_order() -> str | None:
+    """CUDA_VISIBLE_DEVICES for the worker: its own GPUs first (its ranks take cuda:0, cuda:1, ...), then the node's
+    other GPUs. Ray shows an actor only its own, but KV moved GPU to GPU between workers of a node (nvlink_intra,
+    CUDA IPC) maps a peer's memory, which only works from a process that sees the peer's GPU."""
+    mine = [str(g) for g in ray.get_gpu_ids()]
+    if not mine:
+        return None
+    node = ray.get_runtime_context().get_node_id()
+    total = next((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["NodeID"] == node), 0)
+    if not all(
+        g.isdigit() and int(g) < total for g in mine
+    ):  # the node restricts its GPUs itself: keep Ray's
+        return ",".join(mine)
+    return ",".join([*mine, *(str(i) for i in range(total) if str(i) not in mine)])
 
 
 def _loop_factory() -> Any:

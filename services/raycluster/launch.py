@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -87,6 +88,14 @@ def run_ray(args: argparse.Namespace) -> int:
 def _connect(address: str, namespace: str) -> None:
     import ray
 
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "://" not in address:
+        try:  # NOTE: Ray itself retries an unreachable head for minutes
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise ValueError(
+                f"cannot reach the Ray cluster at {address} ({e}); is its head running (`ray start --head`)?"
+            ) from None
     try:
         ray.init(
             address=address,
