@@ -51,7 +51,10 @@ def test_the_job_is_a_pdmesh_ray_up_that_fits_the_cluster() -> None:
     workers = args.prefill + args.decode if args.mode == "pd" else args.colocated
 
     # the nodes as Ray's autoscaler understands the RayCluster
-    stored = {**cluster, "metadata": {**cluster["metadata"], "namespace": "serving"}}  # as the API server keeps it
+    stored = {
+        **cluster,
+        "metadata": {**cluster["metadata"], "namespace": "serving"},
+    }  # as the API server keeps it
     nodes = _derive_autoscaling_config_from_ray_cr(stored)["available_node_types"]
     head = nodes["headgroup"]
     assert head["resources"].get("GPU", 0) == 0  # the head serves the routers, no worker lands there

@@ -11,6 +11,7 @@ actors and placement groups.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import socket
@@ -320,7 +321,8 @@ def _start_router(args: argparse.Namespace, model: str, index: int, started: lis
             lifetime="detached",
             max_restarts=args.max_restarts,
             max_concurrency=4,
-            num_cpus=1,
+            # NOTE: no logical CPU, like Ray Serve's proxies: it must fit on the head whatever the workers take there
+            num_cpus=0,
             resources={HEAD: 0.001},
         )
         .remote(config, args.host, args.port, args.log_level.lower())
@@ -333,12 +335,23 @@ def _start_router(args: argparse.Namespace, model: str, index: int, started: lis
 def _wait_ready(
     args: argparse.Namespace, workers: list[Member], routers: list[Member], expected: dict[str, int]
 ) -> str:
-    deadline = time.monotonic() + args.timeout
+    started = time.monotonic()
+    deadline = started + args.timeout
     said: dict[str, str] = {}
     while True:
         states = _states(args.namespace)
         for m in [*workers, *routers]:
             state = states.get(m.name)
+            if state is not None and state.state == "PENDING_CREATION":
+                waited = time.monotonic() - started
+                if waited > PLACEMENT_TIMEOUT_S:
+                    raise ValueError(
+                        f"{m.name} could not be placed in {PLACEMENT_TIMEOUT_S:.0f}s: no node has "
+                        f"{state.required_resources} free (`ray status` shows what the cluster has and holds)"
+                    )
+                if waited > 10 and said.get(m.name) != "pending":
+                    said[m.name] = "pending"
+                    _say(f"{m.name}: waiting for resources {state.required_resources}")
             if state is not None and (state.num_restarts or 0) >= STARTUP_RESTARTS:
                 print(
                     f"pdmesh: {m.name} failed {state.num_restarts} times while starting; its last log lines:\n"
@@ -435,10 +448,15 @@ def _remove(deployment: str, namespace: str, drain_s: float, quiet: bool = False
     found = members(deployment, namespace)
     routers = [m for m in found if m.role == "router"]
     workers = [m for m in found if m.role != "router"]
+    states = _states(namespace)
     for group in (routers, workers):  # routers first: no new requests reach a draining worker
-        stops = [m.handle.stop.remote(*([drain_s] if m.role != "router" else [])) for m in group]
-        if stops:
-            ray.wait(stops, num_returns=len(stops), timeout=drain_s + 30.0)
+        # only actors that run can stop gracefully (a call to one still pending or restarting would wait for it)
+        running = [m for m in group if getattr(states.get(m.name), "state", "ALIVE") == "ALIVE"]
+        stops = [m.handle.stop.remote(*([drain_s] if m.role != "router" else [])) for m in running]
+        deadline = time.monotonic() + drain_s + 30.0
+        for ref in stops:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
         for m in group:
             ray.kill(m.handle, no_restart=True)
             if not quiet:

@@ -97,7 +97,12 @@ class Router:
         for role, values in zip(ROLES, (config.prefill, config.decode, config.colocated), strict=True):
             static[role], names = split_addresses(role, values)
             self.dns_names += names
-        if not any(static.values()) and not self.dns_names and config.kubernetes is None and config.ray is None:
+        if (
+            not any(static.values())
+            and not self.dns_names
+            and config.kubernetes is None
+            and config.ray is None
+        ):
             raise ValueError(
                 "no workers given: pass --prefill and --decode (or --colocated) addresses or dns:// names, "
                 "--kubernetes-selector or --ray-deployment"
