@@ -20,7 +20,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,8 +117,16 @@ def prefill_roofline(hw: dict[str, float], tokens: int) -> float:
 
 
 def bench_pdmesh(
-    model_dir: Path, batches: list[int], context: int, prefills: list[int], steps: int, profile: bool = False
+    model_dir: Path,
+    batches: list[int],
+    context: int,
+    prefills: list[int],
+    steps: int,
+    profile: bool = False,
+    kv_gb: float = 48,
+    extra: Callable[[Any], None] | None = None,
 ) -> dict:
+    """Decode steps at each batch and prefills of each length through the engine; `extra(engine)` runs last."""
     from services.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine(
@@ -127,16 +137,17 @@ def bench_pdmesh(
             max_num_seqs=max(batches),
             max_num_batched_tokens=max(prefills),
             max_model_len=max(max(prefills), context + steps + 8) + 16,
-            kv_cache_memory_gb=48,
+            kv_cache_memory_gb=kv_gb,
             enable_prefix_caching=False,
             progress=True,
         )
     )
     gen = torch.Generator().manual_seed(0)
     results: dict = {"decode_ms": {}, "decode_forward_ms": {}, "prefill_s": {}, "graph_steps": 0}
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
     def prompt(n: int) -> list[int]:
-        return torch.randint(1000, 120000, (n,), generator=gen).tolist()
+        return torch.randint(1000, vocab - 1000, (n,), generator=gen).tolist()
 
     rid = 0
     for batch in batches:
@@ -184,6 +195,8 @@ def bench_pdmesh(
         results["prefill_s"][tokens] = min(times)
         print(f"pdmesh prefill {tokens}: {min(times) * 1e3:.1f} ms", flush=True)
     results["graph_steps"] = engine.runner.num_graph_steps
+    if extra is not None:
+        extra(engine)
     del engine
     torch.cuda.empty_cache()
     return results
@@ -227,8 +240,8 @@ def bench_transformers(batches: list[int], context: int, prefills: list[int], st
     return results
 
 
-def _transformers_decode(model, batch: int, context: int, steps: int) -> float:  # type: ignore[no-untyped-def]
-    ids = torch.randint(1000, 120000, (batch, context), device="cuda")
+def _transformers_decode(model, batch: int, context: int, steps: int, vocab: int = 128256) -> float:  # type: ignore[no-untyped-def]
+    ids = torch.randint(1000, vocab - 1000, (batch, context), device="cuda")
     out = model(ids, use_cache=True, logits_to_keep=1)
     state = {"cache": out.past_key_values, "next": out.logits[:, -1].argmax(-1, keepdim=True)}
 

@@ -204,6 +204,64 @@ def test_triton_backend_matches_torch_backend_on_mixed_batches(dtype: torch.dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dim", "value_dim"), [(72, 64), (576, 512)])  # the second: DeepSeek's latent
+def test_latent_store_and_decode_match_attention_over_the_latents(
+    dtype: torch.dtype, dim: int, value_dim: int
+) -> None:
+    """Latent attention (MLA, absorbed): both backends store a batch's latents (a padding row with slot -1 stores
+    nothing) and attend over each sequence's cached latents as keys, their first `value_dim` as values; checked
+    against SDPA over each sequence's latents gathered by hand."""
+    from services.engine.attention.torch_backend import TorchAttention
+    from services.engine.attention.triton_backend import TritonAttention
+
+    heads, bs = 8, 16
+    seq_lens = [5, 130, 64]
+    layout = KVLayout(256, 2, bs, 1, dim, dtype, parts=1)
+    width = max(math.ceil(n / bs) for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32, device=DEVICE)
+    free = torch.randperm(256).tolist()
+    for i, n in enumerate(seq_lens):
+        for j in range(math.ceil(n / bs)):
+            tables[i, j] = free.pop()
+    last = [int(tables[i, (n - 1) // bs]) * bs + (n - 1) % bs for i, n in enumerate(seq_lens)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([*last, -1], device=DEVICE),
+        query_start_loc=torch.arange(len(seq_lens) + 2, dtype=torch.int32),
+        seq_lens=torch.tensor([*seq_lens, 1], dtype=torch.int32, device=DEVICE),
+        block_tables=torch.cat([tables, tables[:1]]),
+        query_lens_cpu=(1,) * (len(seq_lens) + 1),
+        seq_lens_cpu=(*seq_lens, 1),
+        num_decode_seqs=len(seq_lens) + 1,
+    )
+    initial = torch.randn(layout.shape, dtype=dtype, device=DEVICE)
+    new = torch.randn(len(seq_lens) + 1, dim, dtype=dtype, device=DEVICE)  # the last row: padding
+    q = torch.randn(len(seq_lens), heads, dim, dtype=dtype, device=DEVICE)
+    outs = []
+    for cls in (TorchAttention, TritonAttention):
+        cache = KVCache(layout, DEVICE)
+        cache.kv.copy_(initial)
+        attn = BoundAttention(cls(cache, 1.0, 1024), meta)
+        attn.store_latent(1, new)
+        outs.append((attn.latent_decode(1, q, value_dim, dim**-0.5), cache.kv.clone()))
+    (ref, ref_kv), (got, got_kv) = outs
+    assert torch.equal(ref_kv, got_kv)
+    expected_kv = initial.clone()
+    flat = KVCache(layout, DEVICE)
+    flat.kv.copy_(initial)
+    for row, slot in enumerate(last):
+        flat.latent(1)[slot // bs, slot % bs, 0] = new[row]
+    assert torch.equal(ref_kv, flat.kv) and not torch.equal(ref_kv, expected_kv)
+    for i, n in enumerate(seq_lens):
+        latents = flat.latent(1)[tables[i, : math.ceil(n / bs)].long()].flatten(0, 1)[:n, 0].float()
+        # the heads as rows of queries: each attends alone (no mask), over the same keys and values
+        want = F.scaled_dot_product_attention(
+            q[i].float()[None], latents[None], latents[None, :, :value_dim], scale=dim**-0.5
+        )[0]
+        for out in (ref, got):
+            assert torch.allclose(out[i].float(), want, atol=tol(dtype), rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_staging_block_copies(dtype: torch.dtype) -> None:
     from services.engine.kernels.block_copy import gather_blocks, scatter_blocks
 
@@ -240,6 +298,26 @@ def test_greedy_generation_with_the_triton_backend(llama_checkpoint: Path) -> No
         hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
         for prompt, out in zip(prompts, outs, strict=True):
             assert out.token_ids == hf_generate(hf, prompt, 12)[0]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_latent_attention_model_decodes_in_cuda_graphs(tmp_path: Path) -> None:
+    """DeepSeek-V2 (MLA + MoE, bf16): decodes replayed from CUDA graphs give the tokens eager decodes give (the
+    absorbed latent decode against `transformers` is checked in fp32 on CPU, tests/test_moe_models.py)."""
+    from services.engine import LLM, SamplingParams
+    from tests.test_moe_models import build
+
+    build("deepseek_v2", tmp_path)
+    prompts = [[0, *range(5, 5 + n)] for n in (3, 20, 41)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    common = dict(device="cuda", dtype="bfloat16", block_size=16, max_model_len=256, progress=False)
+    eager = LLM(str(tmp_path), attention_backend="triton", cuda_graphs=False, **common).generate(
+        prompts, params
+    )
+    graphs = LLM(str(tmp_path), attention_backend="triton", cuda_graphs=True, **common)
+    outs = graphs.generate(prompts, params)
+    assert graphs.engine.runner.num_graph_steps > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
 
 
 @pytest.mark.skipif(not CUDA, reason="overlapped decode runs with CUDA graphs")

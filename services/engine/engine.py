@@ -207,8 +207,7 @@ class Engine:
             fixed_dispatch=self.parallel.ep > 1 and config.parallel.dp > 1 and dispatch == "all_gather",
         )
         graphable = (
-            self.model_config.mla is None  # latent attention runs per sequence, eagerly
-            and (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
+            (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
             and (runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1)
         )
         if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:

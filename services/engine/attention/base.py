@@ -97,6 +97,22 @@ class AttentionBackend(ABC):
         blocks = meta.block_tables[seq, : -(-ctx // block_size)].long()
         return cache[blocks].flatten(0, 1)[:ctx, 0]
 
+    def latent_decode(
+        self, layer: int, q: torch.Tensor, value_dim: int, scale: float, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Latent attention, one query token for each of the batch's first S sequences: q [S, H, D] over their
+        cached latents as keys (all D) and values (the first `value_dim`) -> [S, H, value_dim]."""
+        seqs = q.shape[0]
+        cache = self.kv_cache.latent(layer)
+        block_size = cache.shape[1]
+        longest = max(meta.seq_lens_cpu[:seqs])
+        blocks = meta.block_tables[:seqs, : -(-longest // block_size)].long()
+        context = cache[blocks].flatten(1, 2)[:, :, 0].to(q.dtype)  # [S, N, D], padded to the longest
+        scores = torch.einsum("shd,snd->shn", q, context).float() * scale
+        valid = torch.arange(context.shape[1], device=q.device) < meta.seq_lens[:seqs, None]
+        scores.masked_fill_(~valid[:, None, :], float("-inf"))
+        return torch.einsum("shn,snl->shl", scores.softmax(-1).to(q.dtype), context[..., :value_dim])
+
     @abstractmethod
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -133,3 +149,6 @@ class BoundAttention:
 
     def latent_context(self, layer: int, seq: int) -> torch.Tensor:
         return self.backend.latent_context(layer, seq, self.meta)
+
+    def latent_decode(self, layer: int, q: torch.Tensor, value_dim: int, scale: float) -> torch.Tensor:
+        return self.backend.latent_decode(layer, q, value_dim, scale, self.meta)

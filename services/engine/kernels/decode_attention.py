@@ -170,6 +170,8 @@ def decode_attention(
     assert out.shape == q.shape and out.stride(2) == 1
     group = hq // hkv
     block_d = triton.next_power_of_2(head_dim)
+    # wide heads (latent attention: 512 + 64) take narrower context tiles, unpipelined, to fit shared memory
+    wide = block_d > 256
     direct = num_splits == 1
     if direct:
         partials, lse = out, torch.empty((seqs, hq, 1), dtype=torch.float32, device=q.device)
@@ -201,10 +203,11 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=64,
+        BLOCK_N=16 if wide else 64,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get exact fp32 dots
         DIRECT=direct,
-        num_warps=4,
+        num_warps=8 if wide else 4,
+        num_stages=1 if wide else 3,
     )
     if not direct:
         _decode_reduce_kernel[(seqs, hq)](

@@ -1,8 +1,10 @@
 """DeepSeek-V2/V3: multi-head latent attention (MLA) and MoE with shared experts and grouped routing.
 
 MLA caches, per token and layer, one latent: the layer-normed compressed KV (kv_lora_rank) followed by the
-rotated shared key part (qk_rope_head_dim). Attention expands each sequence's latents into per-head keys and
-values through kv_b_proj (the reference formulation; per-sequence, eager only: no CUDA graphs yet).
+rotated shared key part (qk_rope_head_dim). Decodes attend over the latents directly, all at once (kv_b_proj
+absorbed into the query and the output; on GPUs through the paged decode kernel, so decodes run in CUDA graphs);
+prompts expand each sequence's latents into per-head keys and values through kv_b_proj (the reference
+formulation, per sequence).
 """
 
 from __future__ import annotations
@@ -57,15 +59,34 @@ class MLAttention(nn.Module):
         k_rot = self.rotary(positions, k_rot.unsqueeze(1)).squeeze(1)
         latent = torch.cat([compressed, k_rot], dim=-1)
         attn.store_latent(self.layer, latent)
-        q = torch.cat([q_nope, q_rot], dim=-1)
+        meta = attn.meta
         out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
-        meta, start = attn.meta, 0
-        for i, (n, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+        # one new token each, first in the batch: they attend together, absorbed
+        decodes = meta.num_decode_seqs
+        if decodes:
+            out[:decodes] = self._decode(q_nope[:decodes], q_rot[:decodes], attn)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        start = decodes
+        for i in range(decodes, meta.num_seqs):
+            n, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             rows = slice(start, start + n)
             context = latent[rows] if n == ctx else attn.latent_context(self.layer, i).to(latent.dtype)
             out[rows] = self._attend(q[rows], context, n, ctx)
             start += n
         return self.o_proj(out.flatten(1))
+
+    def _decode(self, q_nope: torch.Tensor, q_rot: torch.Tensor, attn: BoundAttention) -> torch.Tensor:
+        """One query token per sequence, [S, H, ...] -> [S, H, v_head_dim].
+
+        Absorbed: q_nope goes through kv_b_proj's key half into the latent space and attends over the cached
+        latents themselves, and the weighted latents go through its value half: the same result as expanding
+        every cached latent into per-head keys and values, without expanding them."""
+        mla, heads = self.mla, self.num_heads
+        w = self.kv_b_proj.weight.view(heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+        w_k, w_v = w.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
+        q = torch.cat([torch.einsum("shn,hnl->shl", q_nope, w_k), q_rot], dim=-1)
+        out = attn.latent_decode(self.layer, q, mla.kv_lora_rank, self.scale)
+        return torch.einsum("shl,hvl->shv", out, w_v)
 
     def _attend(self, q: torch.Tensor, latent: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
         """q [n, H, qk_head_dim] over ctx latents [ctx, latent_dim] -> [n, H, v_head_dim]."""
