@@ -283,27 +283,29 @@ def _start_worker(
         raise ValueError(
             f"no node could take {name} ({bundle}) within {PLACEMENT_TIMEOUT_S:.0f}s; see `ray status`"
         ) from None
-    handle = (
-        ray.remote(WorkerActor)
-        .options(
-            name=name,
-            namespace=args.namespace,
-            lifetime="detached",
-            max_restarts=args.max_restarts,
-            max_concurrency=4,
-            num_cpus=1,
-            num_gpus=gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
-        )
-        .remote(role, common)
-    )
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    handle = _detached(WorkerActor, name, args, num_cpus=1, num_gpus=gpus, scheduling_strategy=strategy)
+    handle = handle.remote(role, common)
     started.append(name)
     _say(f"{name}: starting ({gpus} GPU{'s' if gpus != 1 else ''})" if gpus else f"{name}: starting (CPU)")
     return Member(name, role, index, handle)
 
 
-def _start_router(args: argparse.Namespace, model: str, index: int, started: list[str]) -> Member:
+def _detached(cls: type, name: str, args: argparse.Namespace, **placement: Any) -> Any:
+    """One of the deployment's actors: named, outliving this command, restarted when it fails."""
     import ray
+
+    return ray.remote(cls).options(
+        name=name,
+        namespace=args.namespace,
+        lifetime="detached",
+        max_restarts=args.max_restarts,
+        max_concurrency=4,
+        **placement,
+    )
+
+
+def _start_router(args: argparse.Namespace, model: str, index: int, started: list[str]) -> Member:
 
     from services.raycluster.actors import RouterActor
     from services.router.server import add_router_arguments, router_config
@@ -313,20 +315,9 @@ def _start_router(args: argparse.Namespace, model: str, index: int, started: lis
     argv = [*router_argv(args, model), "--ray-deployment", args.name, "--ray-namespace", args.namespace]
     config = router_config(parser.parse_args(argv), model)
     name = actor_name(args.name, "router", index)
-    handle = (
-        ray.remote(RouterActor)
-        .options(
-            name=name,
-            namespace=args.namespace,
-            lifetime="detached",
-            max_restarts=args.max_restarts,
-            max_concurrency=4,
-            # NOTE: no logical CPU, like Ray Serve's proxies: it must fit on the head whatever the workers take there
-            num_cpus=0,
-            resources={HEAD: 0.001},
-        )
-        .remote(config, args.host, args.port, args.log_level.lower())
-    )
+    # NOTE: no logical CPU, like Ray Serve's proxies: it must fit on the head whatever the workers take there
+    handle = _detached(RouterActor, name, args, num_cpus=0, resources={HEAD: 0.001})
+    handle = handle.remote(config, args.host, args.port, args.log_level.lower())
     started.append(name)
     _say(f"{name}: starting on the head node, port {args.port}")
     return Member(name, "router", index, handle)
