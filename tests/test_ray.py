@@ -1,5 +1,5 @@
 """`pdmesh ray up|status|down` on a real local Ray head (`ray start --head --block` in its own process group, on
-CPU): the deployment serves through its router token-identically to `transformers`; pdmesh's metrics reach Ray's
+CPU): the deployment of the embedded model serves through its router token-identically to `transformers`; pdmesh's metrics reach Ray's
 metrics export (every metric the Ray Grafana dashboard queries among them); the actors show in `ray list actors`;
 a decode actor killed outright is restarted by Ray and the cluster serves again; `down` leaves nothing behind."""
 
@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from services.common.tokenizer import Tokenizer
+from services.engine.tiny_model import default_model_dir
 from tests.cluster import ROOT, free_port, random_prompts, stream_completion, wait_until
 from tests.test_dashboard import exported_names
 from tests.test_models_vs_transformers import hf_generate
@@ -153,31 +154,30 @@ def greedy(url: str, model: str, prompt: list[int]) -> list[int] | None:
         return None
 
 
-def test_ray_up_serves_exports_metrics_restarts_and_goes_down(head: Head, llama_checkpoint: Path) -> None:
+def test_ray_up_serves_exports_metrics_restarts_and_goes_down(head: Head) -> None:
+    checkpoint = default_model_dir()  # the embedded model, which `pdmesh ray up` serves without --model
     port = free_port()
     up = pdmesh(
         head,
         "up",
-        *("--model", str(llama_checkpoint), "--prefill", "1", "--decode", "2", "--port", str(port)),
+        *("--prefill", "1", "--decode", "2", "--port", str(port)),
         *("--device", "cpu", "--num-blocks", "256", "--timeout", "240"),
     )
     assert up.returncode == 0, up.stdout + up.stderr
     assert re.search(rf"ready at http://[0-9.]+:{port}", up.stdout), up.stdout
     url = f"http://127.0.0.1:{port}"
-    model = llama_checkpoint.name
-    again = pdmesh(
-        head, "up", "--model", str(llama_checkpoint), "--device", "cpu", "--port", str(free_port())
-    )
+    model = checkpoint.name
+    again = pdmesh(head, "up", "--device", "cpu", "--port", str(free_port()))
     assert again.returncode == 2 and "already running" in again.stderr, again.stderr
 
     # served through the router, token for token what transformers generates
-    hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompts = random_prompts(3, [7, 40, 70])
     expected = [hf_generate(hf, p, MAX_TOKENS)[0] for p in prompts]
     assert [greedy(url, model, p) for p in prompts] == expected
     assert greedy(url, model, prompts[2]) == expected[2]  # again: served from the prefix cache this time
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
-    text = Tokenizer(llama_checkpoint).decode(expected[0])
+    text = Tokenizer(checkpoint).decode(expected[0])
     reply = client.completions.create(model=model, prompt=prompts[0], max_tokens=MAX_TOKENS, temperature=0)
     assert reply.choices[0].text == text or reply.choices[0].finish_reason == "stop"
 

@@ -42,7 +42,12 @@ def _exit_for_restart(what: str) -> None:
 class WorkerActor:
     def __init__(self, role: str, argv: list[str]) -> None:
         self.role = role
-        self._dir = Path(tempfile.mkdtemp(prefix=f"pdmesh-{role}-"))
+        # one folder per actor name, emptied on every (re)start: a killed actor's leftovers do not pile up
+        context = ray.get_runtime_context()
+        name = context.get_actor_name() or f"{role}-{os.getpid()}"
+        self._dir = Path(tempfile.gettempdir()) / "pdmesh-ray" / context.namespace / name
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir.mkdir(parents=True)
         self._address_file = self._dir / "address"
         self._node_ip = ray.util.get_node_ip_address()
         self._command = [
