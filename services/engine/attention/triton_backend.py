@@ -12,6 +12,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from services.engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
 from services.engine.kernels.decode_attention import decode_attention, num_splits_for
+from services.engine.kernels.latent_decode import latent_decode_attention
 from services.engine.kernels.latent_store import store_latent
 from services.engine.kernels.rope_store import rope_and_store
 from services.engine.kv_cache import KVCache
@@ -49,12 +50,12 @@ class TritonAttention(AttentionBackend):
     def latent_decode(
         self, layer: int, q: torch.Tensor, value_dim: int, scale: float, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """The paged decode kernel with the latent cache as both keys and values (one KV head that every query
-        head shares): reads nothing from the host, so latent models decode in CUDA graphs too."""
+        """Reads nothing from the host, so latent models decode in CUDA graphs too."""
         cache = self.kv_cache.latent(layer)
-        splits = num_splits_for(q.shape[0], 1, self.sm_count)
-        out = decode_attention(q.contiguous(), cache, cache, meta.block_tables, meta.seq_lens, scale, splits)
-        return out[..., :value_dim]
+        q = q.contiguous()
+        return latent_decode_attention(
+            q, cache, meta.block_tables, meta.seq_lens, scale, value_dim, self.sm_count
+        )
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
