@@ -91,7 +91,7 @@ def head() -> Iterator[Head]:
             except ProcessLookupError:
                 break
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=8)
                 break
             except subprocess.TimeoutExpired:
                 continue
