@@ -384,19 +384,22 @@ def test_overlapped_decode_matches_step_by_step(llama_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_experts_match_a_loop_over_experts(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [37, 9])  # grouped GEMMs; a few pairs as GEMVs
+def test_fused_experts_match_a_loop_over_experts(dtype: torch.dtype, tokens: int) -> None:
     """This rank holds experts 2..4 of 8: the other pairs add nothing; an empty batch gives an empty result."""
-    from services.engine.models.moe import Experts
+    from services.engine.models.moe import SMALL_PAIRS, Experts
 
+    assert (tokens * 4 <= SMALL_PAIRS) == (tokens == 9)
     with torch.device(DEVICE):
         experts = Experts(8, 64, 32, first=2, count=3)
         experts.w13.data = (torch.randn(3, 64, 64) * 0.1).to(dtype)
         experts.w2.data = (torch.randn(3, 64, 32) * 0.1).to(dtype)
-        x = torch.randn(37, 64).to(dtype)
-        ids, weights = torch.randint(0, 8, (37, 4)), torch.rand(37, 4)
+        x = torch.randn(tokens, 64).to(dtype)
+        ids, weights = torch.randint(0, 8, (tokens, 4)), torch.rand(tokens, 4)
+        ids[0] = torch.tensor([0, 1, 5, 7])  # a token none of whose experts is here
     got = experts._forward_fused(x, weights, ids).float()
-    want = torch.zeros(37, 64, device=DEVICE)
-    for t, j in ((t, j) for t in range(37) for j in range(4)):
+    want = torch.zeros(tokens, 64, device=DEVICE)
+    for t, j in ((t, j) for t in range(tokens) for j in range(4)):
         e = int(ids[t, j]) - 2
         if 0 <= e < 3:
             gate, up = (x[t].float() @ experts.w13[e].float().T).chunk(2)

@@ -24,6 +24,7 @@ from services.engine.parallel.comm import Stage
 from services.engine.parallel.moe import expert_stages
 from services.engine.parallel.state import ParallelState
 
+SMALL_PAIRS = 128  # (token, expert) pairs up to which experts run as GEMVs rather than grouped GEMMs
 _EXPERT = re.compile(r"^(?P<prefix>.*\.)(?:mlp|block_sparse_moe)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 # checkpoint projection name -> (stacked parameter, shard)
 _EXPERT_WEIGHTS = {
@@ -103,6 +104,8 @@ class Experts(nn.Module):
         from services.engine.kernels.moe import combine, gather_rows
 
         t, k = ids.shape
+        if 0 < t * k <= SMALL_PAIRS:
+            return self._forward_small(x, weights, ids)
         local = (ids - self.first).reshape(-1)
         valid = (local >= 0) & (local < self.count)
         key, order = torch.where(valid, local, self.count).sort(stable=True)
@@ -112,6 +115,18 @@ class Experts(nn.Module):
         h = grouped_mm(silu_and_mul(h), self.w2.mT, offs)
         pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=x.device))
         pos = torch.where(valid, pos, -1).view(t, k)
+        return combine(h, pos, weights.float(), x.dtype)
+
+    def _forward_small(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """A few pairs (decode at small batch): each streams its expert's weights as a GEMV, in pair order."""
+        from services.engine.kernels.moe import combine, expert_gemv
+
+        t, k = ids.shape
+        local = (ids - self.first).reshape(-1)
+        pairs = torch.arange(t * k, device=x.device)
+        h = expert_gemv(x, pairs // k, local, self.w13, self.count)
+        h = expert_gemv(silu_and_mul(h), pairs, local, self.w2, self.count)
+        pos = torch.where((local >= 0) & (local < self.count), pairs, -1).view(t, k)
         return combine(h, pos, weights.float(), x.dtype)
 
     def mlp(self, x: torch.Tensor, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
