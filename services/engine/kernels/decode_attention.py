@@ -170,14 +170,8 @@ def decode_attention(
     assert out.shape == q.shape and out.stride(2) == 1
     group = hq // hkv
     block_d = triton.next_power_of_2(head_dim)
-    # wide heads (latent attention: 512 + 64) take narrower context tiles, unpipelined, to fit shared memory
-    wide = block_d > 256
     direct = num_splits == 1
-    if direct:
-        partials, lse = out, torch.empty((seqs, hq, 1), dtype=torch.float32, device=q.device)
-    else:
-        partials = torch.empty((seqs, hq, num_splits, block_d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((seqs, hq, num_splits), dtype=torch.float32, device=q.device)
+    partials, lse = split_buffers(out, num_splits, block_d)
     _decode_partition_kernel[(seqs, hkv, num_splits)](
         q,
         k_cache,
@@ -203,27 +197,42 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=16 if wide else 64,
+        BLOCK_N=64,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get exact fp32 dots
         DIRECT=direct,
-        num_warps=8 if wide else 4,
-        num_stages=1 if wide else 3,
+        num_warps=4,
     )
     if not direct:
-        _decode_reduce_kernel[(seqs, hq)](
-            partials,
-            lse,
-            out,
-            num_splits,
-            partials.stride(0),
-            partials.stride(1),
-            partials.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_P=triton.next_power_of_2(num_splits),
-        )
+        merge_splits(partials, lse, out, head_dim)
     return out
+
+
+def split_buffers(out: torch.Tensor, splits: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where pass 1 writes for `out` [S, H, D]: with one split, out itself (and an unused log-sum-exp); else each
+    split's fp32 output [S, H, splits, width] and log-sum-exp [S, H, splits]."""
+    seqs, heads = out.shape[:2]
+    if splits == 1:
+        return out, torch.empty((seqs, heads, 1), dtype=torch.float32, device=out.device)
+    partials = torch.empty((seqs, heads, splits, width), dtype=torch.float32, device=out.device)
+    return partials, torch.empty((seqs, heads, splits), dtype=torch.float32, device=out.device)
+
+
+def merge_splits(partials: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, dim: int) -> None:
+    """Pass 2: out [S, H, dim] <- the splits merged by their log-sum-exp."""
+    seqs, heads, splits, width = partials.shape
+    _decode_reduce_kernel[(seqs, heads)](
+        partials,
+        lse,
+        out,
+        splits,
+        partials.stride(0),
+        partials.stride(1),
+        partials.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=dim,
+        BLOCK_D=width,
+        BLOCK_P=triton.next_power_of_2(splits),
+    )

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from services.engine.kernels.decode_attention import LOG2E, _decode_reduce_kernel, num_splits_for
+from services.engine.kernels.decode_attention import LOG2E, merge_splits, num_splits_for, split_buffers
 
 
 @triton.jit
@@ -117,11 +117,7 @@ def latent_decode_attention(
     splits = num_splits_for(seqs, head_blocks, sm_count)
     block_v = triton.next_power_of_2(value_dim)
     direct = splits == 1
-    if direct:
-        partials, lse = out, torch.empty((seqs, heads, 1), dtype=torch.float32, device=q.device)
-    else:
-        partials = torch.empty((seqs, heads, splits, block_v), dtype=torch.float32, device=q.device)
-        lse = torch.empty((seqs, heads, splits), dtype=torch.float32, device=q.device)
+    partials, lse = split_buffers(out, splits, block_v)
     _latent_partition_kernel[(seqs, head_blocks, splits)](
         q,
         cache,
@@ -154,20 +150,5 @@ def latent_decode_attention(
         num_stages=2,
     )
     if not direct:
-        _decode_reduce_kernel[(seqs, heads)](
-            partials,
-            lse,
-            out,
-            splits,
-            partials.stride(0),
-            partials.stride(1),
-            partials.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=value_dim,
-            BLOCK_D=block_v,
-            BLOCK_P=triton.next_power_of_2(splits),
-        )
+        merge_splits(partials, lse, out, value_dim)
     return out
