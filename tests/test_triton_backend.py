@@ -77,9 +77,13 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_and_store_matches_rotary_then_store(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "qk_norm", [False, True]
+)  # Qwen3: q and k RMS-normed per head first, in the same kernel
+def test_rope_and_store_matches_rotary_then_store(dtype: torch.dtype, qk_norm: bool) -> None:
     from services.engine.attention.torch_backend import store_kv
     from services.engine.kernels.rope_store import rope_and_store
+    from services.engine.models.layers import RMSNorm
 
     tokens, hq, hkv, d = 7, 8, 2, 64
     rotary = RotaryEmbedding(
@@ -92,12 +96,18 @@ def test_rope_and_store_matches_rotary_then_store(dtype: torch.dtype) -> None:
     positions = torch.tensor([0, 1, 9, 100, 511, 3, 64], device=DEVICE)
     slots = torch.tensor([5, -1, 0, 31, 17, 8, 12], device=DEVICE)  # -1: not stored
     kv = torch.zeros(8, 2, 2, 4, hkv, d, dtype=dtype, device=DEVICE)
-    expected_q, expected_k = rotary(positions, q.clone()), rotary(positions, k.clone())
+    q_norm, k_norm = RMSNorm(d, 1e-6), RMSNorm(d, 1e-6)
+    q_norm.weight.data = torch.rand(d, device=DEVICE).to(dtype) + 0.5
+    k_norm.weight.data = torch.rand(d, device=DEVICE).to(dtype) + 0.5
+    q_in, k_in = (q_norm._norm(q.clone()), k_norm._norm(k.clone())) if qk_norm else (q.clone(), k.clone())
+    expected_q, expected_k = rotary(positions, q_in), rotary(positions, k_in)
     expected_kv = kv.clone()
     store_kv(expected_kv[:, 1, 0], expected_kv[:, 1, 1], expected_k, v, slots)
-    rope_and_store(q, k, v, positions, rotary.cos, rotary.sin, slots, kv[:, 1, 0], kv[:, 1, 1])
-    # interpreted: bit-identical; compiled, the GPU may contract multiply-adds and round once less
-    exact = not CUDA
+    norms = (q_norm.weight, k_norm.weight, 1e-6) if qk_norm else None
+    rope_and_store(q, k, v, positions, rotary.cos, rotary.sin, slots, kv[:, 1, 0], kv[:, 1, 1], norms)
+    # interpreted: bit-identical (the norm's sum of squares adds in another order); compiled, the GPU may contract
+    # multiply-adds and round once less
+    exact = not CUDA and not qk_norm
     for got, want in ((q, expected_q), (k, expected_k), (kv, expected_kv)):
         assert (
             torch.equal(got, want)
@@ -242,7 +252,8 @@ def test_latent_store_and_decode_match_attention_over_the_latents(
         cache.kv.copy_(initial)
         attn = BoundAttention(cls(cache, 1.0, 1024), meta)
         attn.store_latent(1, new)
-        outs.append((attn.latent_decode(1, q, value_dim, dim**-0.5), cache.kv.clone()))
+        got = attn.latent_decode(1, q[..., :value_dim], q[..., value_dim:], dim**-0.5)
+        outs.append((got, cache.kv.clone()))
     (ref, ref_kv), (got, got_kv) = outs
     assert torch.equal(ref_kv, got_kv)
     expected_kv = initial.clone()
@@ -259,6 +270,53 @@ def test_latent_store_and_decode_match_attention_over_the_latents(
         )[0]
         for out in (ref, got):
             assert torch.allclose(out[i].float(), want, atol=tol(dtype), rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_latent_matches_rotary_then_store(dtype: torch.dtype, interleaved: bool) -> None:
+    """The fused kernel against the torch backend (rotary, concatenation, store): the query's rotary part
+    rotated in place, the latents returned and stored at their slots, a -1 slot not stored."""
+    from services.engine.attention.torch_backend import TorchAttention
+    from services.engine.attention.triton_backend import TritonAttention
+
+    tokens, heads, compressed_dim, rope = 5, 3, 32, 16
+    dim = compressed_dim + rope
+    layout = KVLayout(
+        num_blocks=6, num_layers=2, block_size=4, num_kv_heads=1, head_dim=dim, dtype=dtype, parts=1
+    )
+    rotary = RotaryEmbedding(rope, 64, RopeConfig(theta=10000.0, interleaved=interleaved))
+    rotary.cos, rotary.sin = rotary.cos.to(DEVICE), rotary.sin.to(DEVICE)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([3, 9, 17, -1, 22], device=DEVICE),
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32),
+        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=DEVICE),
+        block_tables=torch.zeros(1, 6, dtype=torch.int32, device=DEVICE),
+        query_lens_cpu=(tokens,),
+        seq_lens_cpu=(tokens,),
+    )
+    positions = torch.tensor([0, 7, 30, 2, 63], device=DEVICE)
+    q = torch.randn(tokens, heads, 8 + rope, dtype=dtype, device=DEVICE)  # [nope | rope] per head, as MLA's
+    kv = torch.randn(tokens, compressed_dim + rope, dtype=dtype, device=DEVICE)
+    outs = []
+    for cls in (TorchAttention, TritonAttention):
+        cache = KVCache(layout, DEVICE)
+        cache.kv.zero_()
+        q_in = q.clone()
+        q_rot, latent = cls(cache, 1.0, 64).rope_latent(
+            1, q_in[..., 8:], kv[:, compressed_dim:], kv[:, :compressed_dim], positions, rotary, meta
+        )
+        outs.append((q_rot, latent, cache.latent(1).reshape(-1, dim)))  # layer 1's latents by slot
+    (ref_q, ref_latent, ref_kv), (got_q, got_latent, got_kv) = outs
+    assert not torch.equal(ref_q, q[..., 8:]) and torch.equal(
+        ref_latent[:, :compressed_dim], kv[:, :compressed_dim]
+    )
+    # interpreted: bit-identical; compiled, the GPU may contract the rotary's multiply-adds
+    exact = not CUDA
+    for ref, got in ((ref_q, got_q), (ref_latent, got_latent), (ref_kv, got_kv)):
+        assert torch.equal(ref, got) if exact else torch.allclose(ref, got, atol=tol(dtype), rtol=tol(dtype))
+    assert torch.equal(got_kv[[3, 9, 17, 22]], got_latent[[0, 1, 2, 4]])
+    assert int((got_kv != 0).any(1).sum()) == 4  # the token of slot -1 went nowhere
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -298,6 +356,26 @@ def test_greedy_generation_with_the_triton_backend(llama_checkpoint: Path) -> No
         hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
         for prompt, out in zip(prompts, outs, strict=True):
             assert out.token_ids == hf_generate(hf, prompt, 12)[0]
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2"])
+def test_moe_models_generate_the_same_with_the_triton_backend(name: str, tmp_path: Path) -> None:
+    """Qwen3-MoE (q/k norms fused into the rotary kernel) and DeepSeek-V2 (latent rotary and store in one kernel,
+    absorbed latent decode): token-identical to the torch backend (CPU: kernels interpreted); on a GPU, where the
+    experts and routing also run as kernels, equal to `transformers` eagerly and with CUDA graphs."""
+    from services.engine import LLM, SamplingParams
+    from tests.test_models_vs_transformers import hf_generate
+    from tests.test_moe_models import build
+
+    hf = build(name, tmp_path)
+    prompts = [[0, *range(5, 5 + n)] for n in (3, 20, 41)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    common = dict(device=str(DEVICE), dtype="float32", block_size=4, max_model_len=128, progress=False)
+    want = [hf_generate(hf, prompt, 10)[0] for prompt in prompts]
+    for graphs in (False, True) if CUDA else (False,):
+        llm = LLM(str(tmp_path), attention_backend="triton", cuda_graphs=graphs, **common)
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert not graphs or llm.engine.runner.num_graph_steps > 0
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -384,27 +462,86 @@ def test_overlapped_decode_matches_step_by_step(llama_checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [37, 9])  # grouped GEMMs; a few pairs as GEMVs
-def test_fused_experts_match_a_loop_over_experts(dtype: torch.dtype, tokens: int) -> None:
-    """This rank holds experts 2..4 of 8: the other pairs add nothing; an empty batch gives an empty result."""
-    from services.engine.models.moe import SMALL_PAIRS, Experts
+@pytest.mark.parametrize(
+    "tokens", [1, 37, 300]
+)  # tiles of 16 pairs, mostly empty or several per expert; larger
+@pytest.mark.parametrize(("first", "count"), [(2, 3), (0, 8)])  # a rank holding 3 of 8 experts; all of them
+def test_fused_experts_match_a_loop_over_experts(
+    dtype: torch.dtype, tokens: int, first: int, count: int
+) -> None:
+    """Pairs of other ranks' experts add nothing; an empty batch gives an empty result."""
+    from services.engine.kernels.moe import gemm_config
+    from services.engine.models.moe import Experts
 
-    assert (tokens * 4 <= SMALL_PAIRS) == (tokens == 9)
+    assert (gemm_config(tokens * 4, count)[0] == 16) == (tokens == 1)
     with torch.device(DEVICE):
-        experts = Experts(8, 64, 32, first=2, count=3)
-        experts.w13.data = (torch.randn(3, 64, 64) * 0.1).to(dtype)
-        experts.w2.data = (torch.randn(3, 64, 32) * 0.1).to(dtype)
+        experts = Experts(8, 64, 32, first=first, count=count)
+        experts.w13.data = (torch.randn(count, 64, 64) * 0.1).to(dtype)
+        experts.w2.data = (torch.randn(count, 64, 32) * 0.1).to(dtype)
         x = torch.randn(tokens, 64).to(dtype)
         ids, weights = torch.randint(0, 8, (tokens, 4)), torch.rand(tokens, 4)
-        ids[0] = torch.tensor([0, 1, 5, 7])  # a token none of whose experts is here
+        ids[0] = torch.tensor([0, 1, 5, 7])  # a token none of whose experts is here (with 3 of 8)
+        if tokens > 1:
+            ids[1] = torch.tensor([2, 2, 2, 2])  # one expert in every slot
     got = experts._forward_fused(x, weights, ids).float()
     want = torch.zeros(tokens, 64, device=DEVICE)
     for t, j in ((t, j) for t in range(tokens) for j in range(4)):
-        e = int(ids[t, j]) - 2
-        if 0 <= e < 3:
+        e = int(ids[t, j]) - first
+        if 0 <= e < count:
             gate, up = (x[t].float() @ experts.w13[e].float().T).chunk(2)
             want[t] += weights[t, j] * ((F.silu(gate) * up) @ experts.w2[e].float().T)
     assert torch.allclose(got, want, atol=tol(dtype) * 5, rtol=tol(dtype) * 5)
-    none_here = ((ids >= 2) & (ids < 5)).sum(1) == 0
-    assert none_here.any() and (got[none_here] == 0).all()
+    if count < 8:  # token 0's experts are all another rank's
+        none_here = ((ids >= first) & (ids < first + count)).sum(1) == 0
+        assert none_here.any() and (got[none_here] == 0).all()
     assert experts._forward_fused(x[:0], weights[:0], ids[:0]).shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    ("experts", "top_k", "scoring", "renormalize", "round_to"),
+    [
+        (128, 8, "softmax", True, torch.bfloat16),
+        (64, 6, "softmax", False, None),
+        (12, 3, "sigmoid", True, None),
+    ],
+)
+def test_routing_kernel_matches_torch_routing(
+    experts: int, top_k: int, scoring: str, renormalize: bool, round_to: torch.dtype | None
+) -> None:
+    """Qwen3-MoE's, DeepSeek-V2-Lite's and a sigmoid router's top-k (ids, weights) as the reference computes
+    them: scores in fp32, the k best, renormalised, scaled, rounded where the reference rounds."""
+    from services.engine.kernels.moe_route import route_topk
+    from services.engine.model_config import MoEConfig
+    from services.engine.models.moe import _route
+
+    moe = MoEConfig(experts, top_k, 16, renormalize, scoring=scoring, routed_scaling_factor=1.5)
+    # distinct logits (exact in bf16: multiples of 1/16) so that the order is the reference's; row 0 all tied
+    logits = torch.stack([torch.randperm(experts) for _ in range(33)]).float().sub(experts / 2).div(16)
+    logits = logits.to(DEVICE, torch.bfloat16)
+    logits[0, :] = 0  # all tied: the lowest ids win
+    weights, ids = route_topk(logits, top_k, scoring == "sigmoid", renormalize, 1.5, round_to)
+    want_w, want_ids = _route(logits, moe, None)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64
+    assert torch.equal(ids[1:], want_ids[1:]) and ids[0].tolist() == list(range(top_k))
+    if (
+        round_to is not None
+    ):  # to the nearest bf16 on a GPU; Triton's interpreter truncates (one unit further)
+        assert torch.equal(weights, weights.to(round_to).float())
+        assert torch.allclose(weights, want_w, atol=0, rtol=2**-7)
+    else:
+        assert torch.allclose(weights, want_w, atol=1e-6, rtol=1e-5)
+    assert route_topk(logits[:0], top_k, False, True, 1.0)[1].shape == (0, top_k)
+
+
+@pytest.mark.parametrize(("pairs", "first", "count"), [(148, 2, 3), (5000, 1, 5), (36, 0, 8)])
+def test_expert_order_is_a_stable_sort_by_local_expert(pairs: int, first: int, count: int) -> None:
+    """The pairs of each local expert in pair order, expert after expert (over several chunks of pairs for the
+    second case), and where each expert's pairs end."""
+    from services.engine.kernels.moe import expert_order
+
+    ids = torch.randint(0, 8, (pairs // 4, 4), device=DEVICE)
+    order, ends = expert_order(ids, first, count)
+    local = ids.flatten().cpu() - first
+    mine = [p for p in range(pairs) if 0 <= local[p] < count]
+    assert order[: len(mine)].tolist() == sorted(mine, key=lambda p: (int(local[p]), p))
+    assert ends.tolist() == [int(((local >= 0) & (local <= e)).sum()) for e in range(count)]

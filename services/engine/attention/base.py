@@ -55,6 +55,15 @@ class Rotary(Protocol):
     def __call__(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
 
+class HeadNorm(Protocol):
+    """An RMSNorm over head_dim (Qwen3's q_norm / k_norm)."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class AttentionBackend(ABC):
     """Stores the new K/V of a layer into the paged cache and attends over each sequence's context."""
 
@@ -74,10 +83,14 @@ class AttentionBackend(ABC):
         positions: torch.Tensor,
         rotary: Rotary,
         meta: AttentionMetadata,
+        norms: tuple[HeadNorm, HeadNorm] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> rotated (q, k); k and v are stored at meta.slot_mapping."""
+        """q [T, Hq, D], k/v [T, Hkv, D] -> rotated (q, k), each normed per head first by `norms`; k and v are
+        stored at meta.slot_mapping."""
         from services.engine.attention.torch_backend import store_kv
 
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         q, k = rotary(positions, q), rotary(positions, k)
         store_kv(*self.kv_cache.layer(layer), k, v, meta.slot_mapping)
         return q, k
@@ -97,11 +110,31 @@ class AttentionBackend(ABC):
         blocks = meta.block_tables[seq, : -(-ctx // block_size)].long()
         return cache[blocks].flatten(0, 1)[:ctx, 0]
 
+    def rope_latent(
+        self,
+        layer: int,
+        q_rot: torch.Tensor,
+        k_rot: torch.Tensor,
+        compressed: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent attention: q_rot [T, H, R] and k_rot [T, R] rotated by position -> (rotated q_rot, the latents
+        [T, C + R]: compressed [T, C] then the rotated k_rot), the latents stored at meta.slot_mapping."""
+        q_rot = rotary(positions, q_rot)
+        latent = torch.cat([compressed, rotary(positions, k_rot.unsqueeze(1)).squeeze(1)], dim=-1)
+        self.store_latent(layer, latent, meta)
+        return q_rot, latent
+
     def latent_decode(
-        self, layer: int, q: torch.Tensor, value_dim: int, scale: float, meta: AttentionMetadata
+        self, layer: int, q: torch.Tensor, q_rope: torch.Tensor, scale: float, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """Latent attention, one query token for each of the batch's first S sequences: q [S, H, D] over their
-        cached latents as keys (all D) and values (the first `value_dim`) -> [S, H, value_dim]."""
+        """Latent attention, one query token for each of the batch's first S sequences, in two parts: q [S, H, V]
+        against the cached latents' first V columns, which are also the values, and q_rope [S, H, R] against the
+        rest -> [S, H, V]."""
+        value_dim = q.shape[2]
+        q = torch.cat([q, q_rope], dim=-1)
         seqs = q.shape[0]
         cache = self.kv_cache.latent(layer)
         block_size = cache.shape[1]
@@ -138,8 +171,9 @@ class BoundAttention:
         v: torch.Tensor,
         positions: torch.Tensor,
         rotary: Rotary,
+        norms: tuple[HeadNorm, HeadNorm] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.backend.rope_and_store(layer, q, k, v, positions, rotary, self.meta)
+        return self.backend.rope_and_store(layer, q, k, v, positions, rotary, self.meta, norms)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.backend.attend(layer, q, k, v, self.meta)
@@ -150,5 +184,16 @@ class BoundAttention:
     def latent_context(self, layer: int, seq: int) -> torch.Tensor:
         return self.backend.latent_context(layer, seq, self.meta)
 
-    def latent_decode(self, layer: int, q: torch.Tensor, value_dim: int, scale: float) -> torch.Tensor:
-        return self.backend.latent_decode(layer, q, value_dim, scale, self.meta)
+    def rope_latent(
+        self,
+        layer: int,
+        q_rot: torch.Tensor,
+        k_rot: torch.Tensor,
+        compressed: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.backend.rope_latent(layer, q_rot, k_rot, compressed, positions, rotary, self.meta)
+
+    def latent_decode(self, layer: int, q: torch.Tensor, q_rope: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.backend.latent_decode(layer, q, q_rope, scale, self.meta)

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from services.engine.attention.base import AttentionBackend, AttentionMetadata, Rotary
+from services.engine.attention.base import AttentionBackend, AttentionMetadata, HeadNorm, Rotary
 from services.engine.kernels.decode_attention import decode_attention, num_splits_for
 from services.engine.kernels.latent_decode import latent_decode_attention
+from services.engine.kernels.latent_rope import rope_latent
 from services.engine.kernels.latent_store import store_latent
 from services.engine.kernels.rope_store import rope_and_store
 from services.engine.kv_cache import KVCache
@@ -38,23 +39,39 @@ class TritonAttention(AttentionBackend):
         positions: torch.Tensor,
         rotary: Rotary,
         meta: AttentionMetadata,
+        norms: tuple[HeadNorm, HeadNorm] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rope_and_store(
-            q, k, v, positions, rotary.cos, rotary.sin, meta.slot_mapping, *self.kv_cache.layer(layer)
-        )
+        weights = (norms[0].weight, norms[1].weight, norms[0].eps) if norms is not None else None
+        args = (positions, rotary.cos, rotary.sin, meta.slot_mapping, *self.kv_cache.layer(layer), weights)
+        rope_and_store(q, k, v, *args)
         return q, k
 
     def store_latent(self, layer: int, latent: torch.Tensor, meta: AttentionMetadata) -> None:
         store_latent(latent, self.kv_cache.latent(layer), meta.slot_mapping)
 
+    def rope_latent(
+        self,
+        layer: int,
+        q_rot: torch.Tensor,
+        k_rot: torch.Tensor,
+        compressed: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One kernel; q_rot is rotated in place."""
+        interleaved = getattr(rotary, "interleaved", False)
+        cache = self.kv_cache.latent(layer)
+        args = (positions, rotary.cos, rotary.sin, interleaved, meta.slot_mapping, cache)
+        return q_rot, rope_latent(q_rot, k_rot, compressed, *args)
+
     def latent_decode(
-        self, layer: int, q: torch.Tensor, value_dim: int, scale: float, meta: AttentionMetadata
+        self, layer: int, q: torch.Tensor, q_rope: torch.Tensor, scale: float, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Reads nothing from the host, so latent models decode in CUDA graphs too."""
         cache = self.kv_cache.latent(layer)
-        q = q.contiguous()
         return latent_decode_attention(
-            q, cache, meta.block_tables, meta.seq_lens, scale, value_dim, self.sm_count
+            q, q_rope, cache, meta.block_tables, meta.seq_lens, scale, self.sm_count
         )
 
     def attend(

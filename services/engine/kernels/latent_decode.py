@@ -20,6 +20,7 @@ from services.engine.kernels.decode_attention import LOG2E, merge_splits, num_sp
 @triton.jit
 def _latent_partition_kernel(
     q_ptr,
+    q_rope_ptr,
     cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
@@ -27,6 +28,8 @@ def _latent_partition_kernel(
     lse_ptr,
     stride_qs,
     stride_qh,
+    stride_rs,
+    stride_rh,
     stride_cb,
     stride_ct,
     stride_bt,
@@ -60,9 +63,16 @@ def _latent_partition_kernel(
         tl.store(lse_ptr + seq * stride_ls + h * stride_lh + part, float("-inf"), mask=hmask)
         return
     end = tl.minimum(start + chunk, seq_len)
-    q_rows = q_ptr + seq * stride_qs + h[:, None] * stride_qh
-    q_main = tl.load(q_rows + v[None, :], mask=hmask[:, None] & vmask[None, :], other=0.0)
-    q_rope = tl.load(q_rows + VALUE + r[None, :], mask=hmask[:, None] & rmask[None, :], other=0.0)
+    q_main = tl.load(
+        q_ptr + seq * stride_qs + h[:, None] * stride_qh + v[None, :],
+        mask=hmask[:, None] & vmask[None, :],
+        other=0.0,
+    )
+    q_rope = tl.load(
+        q_rope_ptr + seq * stride_rs + h[:, None] * stride_rh + r[None, :],
+        mask=hmask[:, None] & rmask[None, :],
+        other=0.0,
+    )
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], tl.float32)
@@ -95,31 +105,38 @@ def _latent_partition_kernel(
 
 def latent_decode_attention(
     q: torch.Tensor,
+    q_rope: torch.Tensor,
     cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    value_dim: int,
     sm_count: int,
+    config: tuple[int, int, int] = (32, 8, 2),
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """q [S, H, D] (one token per sequence) over cache [blocks, block_size, 1, D] (a strided view) as keys, its
-    first `value_dim` columns as values -> [S, H, value_dim]. block_tables [>=S, max_blocks] int32, seq_lens
-    [>=S] int32 (each >= 1)."""
-    seqs, heads, dim = q.shape
-    rope = dim - value_dim
-    assert cache.shape[2] == 1 and cache.shape[3] == dim and cache.stride(3) == 1 and q.stride(2) == 1
-    assert value_dim > 0 and rope >= 0 and block_tables.dtype == torch.int32
+    """The query in two parts, q [S, H, V] (against each cached latent's first V columns, which are also the
+    values) and q_rope [S, H, R] (against the last R), any row and head strides, over cache [blocks, block_size,
+    1, V + R] (a strided view) -> [S, H, V]. block_tables [>=S, max_blocks] int32, seq_lens [>=S] int32 (each
+    >= 1). config: (BLOCK_N, warps, stages); splits: of each context (default: by SM count)."""
+    seqs, heads, value_dim = q.shape
+    rope = q_rope.shape[2]
+    dim = value_dim + rope
+    assert q_rope.shape[:2] == (seqs, heads) and q.stride(2) == 1 and (rope == 0 or q_rope.stride(2) == 1)
+    assert cache.shape[2] == 1 and cache.shape[3] == dim and cache.stride(3) == 1
+    assert block_tables.dtype == torch.int32
     out = q.new_empty(seqs, heads, value_dim)
     if seqs == 0:
         return out
     block_h = min(64, max(16, triton.next_power_of_2(heads)))
     head_blocks = triton.cdiv(heads, block_h)
-    splits = num_splits_for(seqs, head_blocks, sm_count)
+    splits = splits or num_splits_for(seqs, head_blocks, sm_count)
+    block_n, warps, stages = config
     block_v = triton.next_power_of_2(value_dim)
     direct = splits == 1
     partials, lse = split_buffers(out, splits, block_v)
     _latent_partition_kernel[(seqs, head_blocks, splits)](
         q,
+        q_rope,
         cache,
         block_tables,
         seq_lens,
@@ -127,6 +144,8 @@ def latent_decode_attention(
         lse,
         q.stride(0),
         q.stride(1),
+        q_rope.stride(0),
+        q_rope.stride(1),
         cache.stride(0),
         cache.stride(1),
         block_tables.stride(0),
@@ -143,11 +162,11 @@ def latent_decode_attention(
         BLOCK_V=block_v,
         BLOCK_R=max(16, triton.next_power_of_2(max(rope, 1))),
         BLOCK_H=block_h,
-        BLOCK_N=32,
+        BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DIRECT=direct,
-        num_warps=8,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )
     if not direct:
         merge_splits(partials, lse, out, value_dim)

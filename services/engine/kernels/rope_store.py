@@ -1,7 +1,9 @@
-"""Rotary embedding applied in place to q and k, and k/v stored into the paged cache, in one kernel.
+"""Rotary embedding applied in place to q and k, and k/v stored into the paged cache, in one kernel; optionally
+q and k each RMS-normed per head first (Qwen3's q_norm / k_norm).
 
 One program per token. Slot -1 means "do not store" (padded rows of a CUDA graph). Rounding follows the reference
-implementation: cos/sin rounded to the model dtype, each product rounded, then the sum.
+implementation: the norm in fp32, rounded to the model dtype before its weight and after; cos/sin rounded to the
+model dtype, each product rounded, then the sum.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(x_ptr, offs_h, stride_h, d, half, cos, sin, mask):
+def _rotate(x_ptr, offs_h, stride_h, d, half, cos, sin, mask, w_ptr, eps, NORM: tl.constexpr):
     lo = x_ptr + offs_h[:, None] * stride_h + d[None, :]
     x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo + half, mask=mask, other=0.0).to(tl.float32)
     ty = x_ptr.dtype.element_ty
+    if NORM:
+        rms = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * half) + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + half + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * rms).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+        x2 = (w2 * (x2 * rms).to(ty).to(tl.float32)).to(ty).to(tl.float32)
     o1 = ((x1 * cos).to(ty).to(tl.float32) - (x2 * sin).to(ty).to(tl.float32)).to(ty)
     o2 = ((x2 * cos).to(ty).to(tl.float32) + (x1 * sin).to(ty).to(tl.float32)).to(ty)
     tl.store(lo, o1, mask=mask)
@@ -35,6 +43,9 @@ def _rope_store_kernel(
     slot_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -51,6 +62,7 @@ def _rope_store_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
@@ -60,12 +72,11 @@ def _rope_store_kernel(
     cos = tl.load(cos_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
     hq = tl.arange(0, BLOCK_HQ)
-    _rotate(
-        q_ptr + t * stride_qt, hq, stride_qh, d, HALF, cos, sin, (hq < num_q_heads)[:, None] & dmask[None, :]
-    )
+    qmask = (hq < num_q_heads)[:, None] & dmask[None, :]
+    _rotate(q_ptr + t * stride_qt, hq, stride_qh, d, HALF, cos, sin, qmask, q_norm_ptr, eps, NORM)
     hk = tl.arange(0, BLOCK_HKV)
     kmask = (hk < num_kv_heads)[:, None] & dmask[None, :]
-    k1, k2 = _rotate(k_ptr + t * stride_kt, hk, stride_kh, d, HALF, cos, sin, kmask)
+    k1, k2 = _rotate(k_ptr + t * stride_kt, hk, stride_kh, d, HALF, cos, sin, kmask, k_norm_ptr, eps, NORM)
     slot = tl.load(slot_ptr + t)
     if slot >= 0:
         base = (
@@ -91,8 +102,10 @@ def rope_and_store(
     slot_mapping: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> None:
-    """In place: q, k rotated by position. Stored: rotated k and v at each token's slot.
+    """In place: q, k (RMS-normed per head first with norms = (q weight, k weight, eps)) rotated by position.
+    Stored: rotated k and v at each token's slot.
 
     q [T, Hq, D], k/v [T, Hkv, D] (any row/head strides, contiguous head_dim); cos/sin [max_pos, D/2] float32;
     k_cache/v_cache [num_blocks, block_size, Hkv, D] strided views of the KV pool.
@@ -105,6 +118,12 @@ def rope_and_store(
     assert k_cache.stride() == v_cache.stride() and k_cache.dtype == q.dtype == k.dtype == v.dtype
     assert positions.shape == slot_mapping.shape == (tokens,) and cos.shape[1] == head_dim // 2
     assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+    if norms is not None:
+        assert (
+            norms[0].shape == norms[1].shape == (head_dim,)
+            and norms[0].is_contiguous()
+            and norms[1].is_contiguous()
+        )
     if tokens == 0:
         return
     half = head_dim // 2
@@ -118,6 +137,9 @@ def rope_and_store(
         slot_mapping,
         k_cache,
         v_cache,
+        norms[0] if norms else q,
+        norms[1] if norms else q,
+        norms[2] if norms else 0.0,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -134,4 +156,5 @@ def rope_and_store(
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HKV=triton.next_power_of_2(hkv),
+        NORM=norms is not None,
     )

@@ -54,18 +54,16 @@ class MLAttention(nn.Module):
         q = q.unflatten(-1, (heads, mla.qk_head_dim))
         q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
         compressed, k_rot = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-        compressed = self.kv_a_layernorm(compressed.contiguous())
-        q_rot = self.rotary(positions, q_rot)
-        k_rot = self.rotary(positions, k_rot.unsqueeze(1)).squeeze(1)
-        latent = torch.cat([compressed, k_rot], dim=-1)
-        attn.store_latent(self.layer, latent)
+        compressed = self.kv_a_layernorm(compressed)
+        q_rot, latent = attn.rope_latent(self.layer, q_rot, k_rot, compressed, positions, self.rotary)
         meta = attn.meta
         out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
         # one new token each, first in the batch: they attend together, absorbed
         decodes = meta.num_decode_seqs
         if decodes:
             out[:decodes] = self._decode(q_nope[:decodes], q_rot[:decodes], attn)
-        q = torch.cat([q_nope, q_rot], dim=-1)
+        if meta.num_seqs > decodes:
+            q = torch.cat([q_nope, q_rot], dim=-1)
         start = decodes
         for i in range(decodes, meta.num_seqs):
             n, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
@@ -84,9 +82,9 @@ class MLAttention(nn.Module):
         mla, heads = self.mla, self.num_heads
         w = self.kv_b_proj.weight.view(heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
         w_k, w_v = w.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
-        q = torch.cat([torch.einsum("shn,hnl->shl", q_nope, w_k), q_rot], dim=-1)
-        out = attn.latent_decode(self.layer, q, mla.kv_lora_rank, self.scale)
-        return torch.einsum("shl,hvl->shv", out, w_v)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_k).transpose(0, 1)  # [S, H, C], heads outermost
+        out = attn.latent_decode(self.layer, q_latent, q_rot, self.scale)
+        return torch.bmm(out.transpose(0, 1), w_v.mT).transpose(0, 1)
 
     def _attend(self, q: torch.Tensor, latent: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
         """q [n, H, qk_head_dim] over ctx latents [ctx, latent_dim] -> [n, H, v_head_dim]."""

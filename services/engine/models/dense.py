@@ -87,9 +87,8 @@ class Attention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = attn.rope_and_store(self.layer, q, k, v, positions, self.rotary)
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else None
+        q, k = attn.rope_and_store(self.layer, q, k, v, positions, self.rotary, norms)
         return (yield from call(self.o_proj, attn(self.layer, q, k, v).flatten(1)))
 
 

@@ -24,7 +24,6 @@ from services.engine.parallel.comm import Stage
 from services.engine.parallel.moe import expert_stages
 from services.engine.parallel.state import ParallelState
 
-SMALL_PAIRS = 128  # (token, expert) pairs up to which experts run as GEMVs rather than grouped GEMMs
 _EXPERT = re.compile(r"^(?P<prefix>.*\.)(?:mlp|block_sparse_moe)\.experts\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
 # checkpoint projection name -> (stacked parameter, shard)
 _EXPERT_WEIGHTS = {
@@ -99,35 +98,16 @@ class Experts(nn.Module):
         return out
 
     def _forward_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Pairs sorted by expert; only this rank's pairs are gathered and read back (the count stays on the
-        device, so shapes are fixed by the batch alone: CUDA graphs capture it)."""
-        from services.engine.kernels.moe import combine, gather_rows
+        """Four kernels (kernels/moe.py); nothing is read back to the host, so shapes are fixed by the batch alone
+        and CUDA graphs capture it."""
+        from services.engine.kernels.moe import combine, expert_gemm, expert_order
 
-        t, k = ids.shape
-        if 0 < t * k <= SMALL_PAIRS:
-            return self._forward_small(x, weights, ids)
-        local = (ids - self.first).reshape(-1)
-        valid = (local >= 0) & (local < self.count)
-        key, order = torch.where(valid, local, self.count).sort(stable=True)
-        experts = torch.arange(self.count, device=x.device, dtype=key.dtype)
-        offs = torch.searchsorted(key, experts, right=True).to(torch.int32)
-        h = grouped_mm(gather_rows(x, order // k, offs[-1:]), self.w13.mT, offs)
-        h = grouped_mm(silu_and_mul(h), self.w2.mT, offs)
-        pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=x.device))
-        pos = torch.where(valid, pos, -1).view(t, k)
-        return combine(h, pos, weights.float(), x.dtype)
-
-    def _forward_small(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """A few pairs (decode at small batch): each streams its expert's weights as a GEMV, in pair order."""
-        from services.engine.kernels.moe import combine, expert_gemv
-
-        t, k = ids.shape
-        local = (ids - self.first).reshape(-1)
-        pairs = torch.arange(t * k, device=x.device)
-        h = expert_gemv(x, pairs // k, local, self.w13, self.count)
-        h = expert_gemv(silu_and_mul(h), pairs, local, self.w2, self.count)
-        pos = torch.where((local >= 0) & (local < self.count), pairs, -1).view(t, k)
-        return combine(h, pos, weights.float(), x.dtype)
+        k = ids.shape[1]
+        ids = ids.contiguous()
+        order, ends = expert_order(ids, self.first, self.count)
+        h = expert_gemm(x, order, ends, self.w13, top_k=k, silu=True)
+        y = expert_gemm(h, order, ends, self.w2, top_k=1, silu=False)
+        return combine(y, ids, weights, self.first, self.count, x.dtype)
 
     def mlp(self, x: torch.Tensor, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """x[rows[i]] through local expert local_ids[i], unweighted; ids outside [0, count) give zeros.
@@ -160,8 +140,25 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # public from torch 2.10
 
 
-def route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
-    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
+def route(  # type: ignore[no-untyped-def]
+    logits: torch.Tensor,
+    moe: MoEConfig,
+    correction_bias: torch.Tensor | None = None,
+    round_to: torch.dtype | None = None,
+):
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k]); `round_to`: the weights rounded to
+    that dtype (returned in it off the GPU path)."""
+    if moe.topk_method == "greedy" and _fused(logits) and logits.stride(-1) == 1:
+        from services.engine.kernels.moe_route import route_topk
+
+        return route_topk(
+            logits, moe.top_k, moe.scoring == "sigmoid", moe.renormalize, moe.routed_scaling_factor, round_to
+        )
+    weights, ids = _route(logits, moe, correction_bias)
+    return (weights.to(round_to) if round_to is not None else weights), ids
+
+
+def _route(logits: torch.Tensor, moe: MoEConfig, correction_bias: torch.Tensor | None):  # type: ignore[no-untyped-def]
     logits = logits.float()
     scores = logits.sigmoid() if moe.scoring == "sigmoid" else logits.softmax(dim=-1)
     if moe.topk_method == "greedy":
@@ -213,9 +210,9 @@ class SparseMoeBlock(nn.Module):
         self.weights_in_model_dtype = cfg.family == "qwen3_moe"
 
     def stages(self, x: torch.Tensor, batch: BoundAttention | None = None) -> Stage[torch.Tensor]:
-        weights, ids = route(self.gate(x), self.moe)
-        if self.weights_in_model_dtype:
-            weights = weights.to(x.dtype)
+        weights, ids = route(
+            self.gate(x), self.moe, round_to=x.dtype if self.weights_in_model_dtype else None
+        )
         rows = batch.dispatch_rows if batch is not None else None
         return (yield from expert_stages(self.experts, x, weights, ids, self.parallel, rows))
 
