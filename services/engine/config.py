@@ -48,7 +48,8 @@ class EngineConfig:
     # expert dispatch with data-parallel attention: all_to_all (exact pairs; reads counts on the host) or
     # all_gather (fixed shapes: CUDA graphs, no host sync); auto: all_gather on GPUs, all_to_all elsewhere
     ep_dispatch: str = "auto"  # also mori (ROCm)
-    moe_backend: str = "torch"  # experts: torch (grouped GEMMs; Triton glue on GPUs) or aiter (ROCm)
+    # experts: torch (Triton kernels on GPUs, grouped GEMMs on CPU) or aiter (ROCm)
+    moe_backend: str = "torch"
     seed: int = 0
     progress: bool = True
 

@@ -206,10 +206,8 @@ class Engine:
             TBOConfig(config.tbo, config.tbo_min_prefill_tokens, config.tbo_min_decode_seqs),
             fixed_dispatch=self.parallel.ep > 1 and config.parallel.dp > 1 and dispatch == "all_gather",
         )
-        graphable = (
-            (self.model_config.moe is None or dtype == torch.bfloat16)  # the grouped GEMM is bf16 only
-            and (runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1)
-        )
+        # exact all-to-all expert dispatch reads pair counts on the host: not capturable
+        graphable = runner.fixed_dispatch or config.parallel.dp == 1 or self.parallel.ep == 1
         if device.type == "cuda" and self.attention_backend == "triton" and config.cuda_graphs and graphable:
             max_batch = min(config.max_num_seqs, config.cuda_graph_max_batch)
             sizes = [

@@ -120,4 +120,3 @@ class TritonAttention(AttentionBackend):
             out[rows] = o.transpose(0, 1)
             start += n
         return out
-

@@ -1,4 +1,4 @@
-"""Experts kernel `aiter`: aiter's fused MoE in place of the grouped GEMMs.
+"""Experts kernel `aiter`: aiter's fused MoE in place of pdmesh's expert kernels.
 
 aiter takes the stacked weights as pdmesh keeps them (w1 [local experts, 2 x inter, hidden], gate rows then up;
 w2 [local experts, hidden, inter]), shuffled once into its tile layout, global expert ids with a mask of the local
