@@ -173,6 +173,51 @@ def test_openai_client_chat_and_completions(pd: Cluster, llama_checkpoint: Path)
     assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
 
 
+def test_logit_bias_through_the_openai_client(
+    pd: Cluster, colocated: Cluster, hf, llama_checkpoint: Path
+) -> None:
+    """Disaggregated (the prefill worker samples the first token under the bias) and colocated: a ban on the
+    greedy token and a boost elsewhere give `transformers`' tokens under the same biases (`sequence_bias`); +100
+    forces a token in every sampled draw, streamed too."""
+    model = model_name(llama_checkpoint)
+    prompt = Tokenizer(llama_checkpoint).encode("The quick brown fox")
+    free = complete(pd.url, model, prompt, 6)
+    bias = {free[0]: -100.0, free[2]: 5.0}
+    with torch.no_grad():
+        want = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            sequence_bias={(t,): b for t, b in bias.items()},
+            pad_token_id=hf.config.eos_token_id,
+        )[0, len(prompt) :].tolist()
+    assert want[0] != free[0]
+    for cluster in (pd, colocated):
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
+        out = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=0,
+            logit_bias={str(t): b for t, b in bias.items()},
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        assert out.choices[0].token_ids == want
+        forced = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=5,
+            temperature=1.0,
+            seed=4,
+            logit_bias={"42": 100},
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        assert [t for chunk in forced for t in chunk.choices[0].token_ids] == [42] * 5
+
+
 def test_32_concurrent_streams_then_no_blocks_used(pd: Cluster, llama_checkpoint: Path) -> None:
     model = model_name(llama_checkpoint)
     rng = random.Random(7)
@@ -258,6 +303,10 @@ def test_client_disconnect_frees_blocks_on_both_workers(pd: Cluster, llama_check
         ({"model": "M", "prompt": "hi", "stop_token_ids": [2**40]}, 400, "stop_token_ids"),
         ({"model": "M", "prompt": "hi", "top_k": 2**40}, 400, "top_k"),
         ({"model": "M", "prompt": "hi", "max_tokens": 2**40}, 400, "max_tokens"),
+        ({"model": "M", "prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias keys"),
+        ({"model": "M", "prompt": "hi", "logit_bias": {"123456789": 1}}, 400, "outside the vocabulary"),
+        ({"model": "M", "prompt": "hi", "logit_bias": {"5": 250}}, 400, "logit_bias values"),
+        ({"model": "M", "prompt": "hi", "logit_bias": {"5": "lots"}}, 400, "logit_bias"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(

@@ -208,8 +208,60 @@ def test_stop_strings_truncate_text(llm: LLM) -> None:
         {"logprobs": 21},
         {"presence_penalty": 3},
         {"stop": ("",)},
+        {"logit_bias": {5: 101.0}},
+        {"logit_bias": {-1: 1.0}},
+        {"logit_bias": ((5, 1.0), (5, 2.0))},
     ],
 )
 def test_bad_sampling_parameters_are_rejected(kwargs: dict) -> None:
     with pytest.raises(RequestError):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_matches_transformers_sequence_bias(llm: LLM, llama_checkpoint: Path) -> None:
+    """Greedy generation with a bias against the greedy choice and for another token: the same tokens as
+    `transformers` with the same biases (its `sequence_bias`); beside an unbiased request in the batch."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = llm.tokenizer.encode("The quick brown fox")
+    free = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    bias = {free[0]: -100.0, free[3]: 4.5, 7: -2.0}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logit_bias=bias)
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = llm.generate([prompt, prompt], [params, plain])
+    hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=8,
+            min_new_tokens=8,  # as ignore_eos: never stops early
+            do_sample=False,
+            sequence_bias={(t,): b for t, b in bias.items()},
+            pad_token_id=hf.config.eos_token_id,
+        )[0, len(prompt) :].tolist()
+    assert outs[0].token_ids == want and free[0] not in want
+    assert outs[1].token_ids == free
+
+
+def test_logit_bias_forces_and_bans_when_sampling(llm: LLM) -> None:
+    """+100 on one token makes it every draw; -100 on the greedy token keeps it out of every seeded draw."""
+    prompt = llm.tokenizer.encode("Hello")
+    forced = llm.generate(
+        [prompt],
+        SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True, logit_bias={11: 100.0}),
+    )[0]
+    assert forced.token_ids == [11] * 6
+    top = llm.compute_logits(prompt)[-1].argmax().item()
+    for seed in range(5):
+        out = llm.generate(
+            [prompt],
+            SamplingParams(max_tokens=1, temperature=0.3, seed=seed, logit_bias={top: -100.0}),
+        )[0]
+        assert out.token_ids[0] != top
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=1, logit_bias={vocab: 1.0}))

@@ -25,6 +25,7 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         ignore_eos=p.ignore_eos,
         include_stop_str_in_output=p.include_stop_str_in_output,
         skip_special_tokens=p.skip_special_tokens,
+        logit_bias=dict(p.logit_bias),
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -50,6 +51,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         include_stop_str_in_output=msg.include_stop_str_in_output,
         skip_special_tokens=msg.skip_special_tokens,
+        logit_bias=tuple(msg.logit_bias.items()),
     )
 
 

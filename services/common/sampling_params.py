@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from services.common.errors import RequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100  # as OpenAI: a bias of +-100 forces or bans a token
+MAX_LOGIT_BIAS_TOKENS = 1024
 INT32_MAX = 2**31 - 1  # the gRPC contract's field widths: a larger value cannot cross to a worker
 INT64_RANGE = range(-(2**63), 2**63)
 # As vLLM: a smaller positive temperature samples greedily. Logits divided by a float32 temperature near its
@@ -19,9 +21,10 @@ GREEDY_TEMPERATURE = 1e-5
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    Order of application (as in `transformers`' warpers): presence/frequency penalties, temperature, top-k,
+    Order of application (as in `transformers`' warpers): logit bias, presence/frequency penalties, temperature, top-k,
     top-p, min-p, then a draw. `temperature == 0` is greedy (a temperature below GREEDY_TEMPERATURE is stored as 0).
-    Logprobs are those of the model's raw distribution (log-softmax of the logits before any of the above).
+    `logit_bias` is added to the logits first (greedy decoding included). Logprobs are those of the model's raw
+    distribution (log-softmax of the logits before any of the above).
     """
 
     max_tokens: int = 16
@@ -38,12 +41,17 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the sampled token's; n: plus the n most likely
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = field(
+        default=()
+    )  # (token id, added to its logit), ids unique
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         checks = [
             (
                 isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= INT32_MAX,
@@ -70,6 +78,22 @@ class SamplingParams:
             (
                 all(0 <= t <= INT32_MAX for t in self.stop_token_ids),
                 "stop_token_ids must be token ids (non-negative integers)",
+            ),
+            (
+                all(0 <= t <= INT32_MAX for t, _ in self.logit_bias),
+                "logit_bias keys must be token ids (non-negative integers)",
+            ),
+            (
+                all(-MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _, b in self.logit_bias),
+                f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]",
+            ),
+            (
+                len({t for t, _ in self.logit_bias}) == len(self.logit_bias),
+                "logit_bias lists a token id twice",
+            ),
+            (
+                len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS,
+                f"logit_bias takes at most {MAX_LOGIT_BIAS_TOKENS} tokens",
             ),
         ]
         for ok, message in checks:

@@ -231,6 +231,11 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab}).")
+        outside = [t for t, _ in params.logit_bias if t >= vocab]
+        if outside:
+            raise RequestError(
+                f"logit_bias token id {outside[0]} is outside the vocabulary: ids are in [0, {vocab})."
+            )
         limit = self.runtime.max_model_len
         if len(prompt_ids) >= limit:
             raise RequestError(

@@ -1,7 +1,7 @@
 """Turn a batch of logits into next tokens, each row with its own sampling parameters.
 
-Applied in this order (the order of `transformers`' logits warpers, our oracle): presence/frequency penalties,
-temperature, top-k, top-p, min-p; then one draw by the exponential-race trick (argmax of p / Exp(1) noise), which
+Applied in this order (the order of `transformers`' logits warpers, our oracle, after OpenAI's logit bias): logit
+bias, presence/frequency penalties, temperature, top-k, top-p, min-p; then one draw by the exponential-race trick (argmax of p / Exp(1) noise), which
 needs no host sync. Rows with a seed draw their noise from their own generator, so a seeded request samples the
 same tokens whatever else is in the batch.
 """
@@ -25,6 +25,8 @@ class SamplingBatch:
     min_p: torch.Tensor | None  # [B] float32
     presence_penalty: torch.Tensor | None  # [B] float32
     frequency_penalty: torch.Tensor | None  # [B] float32
+    # logit bias as (rows, token ids, values) [N] each, every row's entries together; None if no row has any
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     output_ids: list[list[int]]  # for penalties
     generators: list[torch.Generator | None]
     num_logprobs: int | None  # the most top logprobs any row asks for; None if no row wants logprobs
@@ -48,6 +50,15 @@ class SamplingBatch:
         any_top_p = any(p.top_p < 1 for p in params)
         any_min_p = any(p.min_p > 0 for p in params)
         sampled = not all_greedy
+        bias = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias]
+        logit_bias = None
+        if bias:
+            rows, ids, values = zip(*bias, strict=True)
+            logit_bias = (
+                col(list(rows), torch.int64),
+                col(list(ids), torch.int64),
+                col(list(values), torch.float32),
+            )
         return cls(
             temperature=col([p.temperature for p in params], torch.float32) if sampled else None,
             top_k=col([max(p.top_k, 0) for p in params], torch.int64) if sampled else None,
@@ -57,6 +68,7 @@ class SamplingBatch:
             frequency_penalty=col([p.frequency_penalty for p in params], torch.float32)
             if penalties
             else None,
+            logit_bias=logit_bias,
             output_ids=[s.output_ids for s in seqs] if penalties else [],
             generators=[s.generator for s in seqs] if sampled else [],
             num_logprobs=max(wanted) if wanted else None,
@@ -155,10 +167,13 @@ class Sampler:
         self.generator = generator  # for rows without a seed of their own
 
     def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> SamplerOutput:
-        if sb.all_greedy and not sb.any_penalties and sb.num_logprobs is None:
+        plain = sb.logit_bias is None and not sb.any_penalties
+        if sb.all_greedy and plain and sb.num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # the common fast path: no upcast
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if sb.num_logprobs is not None else None
+        if sb.logit_bias is not None:
+            logits = logits.index_put(sb.logit_bias[:2], sb.logit_bias[2], accumulate=True)
         if sb.any_penalties:
             logits = apply_penalties(logits, sb)
         greedy = logits.argmax(dim=-1)

@@ -393,7 +393,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         router.check_model(body.model)
-        body.check_supported()
+        body.check_supported(router.tokenizer.vocab_size)
         prompts = _completion_prompts(router, body.prompt)
         plans = []
         for prompt in prompts:
@@ -405,7 +405,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         router.check_model(body.model)
-        body.check_supported()
+        body.check_supported(router.tokenizer.vocab_size)
         try:
             prompt = router.tokenizer.encode_chat(
                 body.rendered_messages(),

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from services.common.errors import RequestError
-from services.common.sampling_params import MAX_LOGPROBS, SamplingParams
+from services.common.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from services.router.errors import APIError
 
 # Names the chat template is rendered with already: a chat_template_kwargs entry may not set them.
@@ -98,11 +98,36 @@ class _Common(BaseModel):
             raise ValueError("at most 16 stop sequences")
         return stops
 
-    def check_supported(self) -> None:
+    def check_supported(self, vocab: int) -> None:
         if self.n != 1:
             raise APIError(400, "only n=1 is supported; send several requests instead.", param="n")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported.", param="logit_bias")
+        for token, bias in self.parsed_logit_bias():
+            if token >= vocab:
+                raise APIError(
+                    400,
+                    f"logit_bias token id {token} is outside the vocabulary: ids are in [0, {vocab}).",
+                    param="logit_bias",
+                )
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise APIError(
+                    400,
+                    f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias} for "
+                    f"token {token}.",
+                    param="logit_bias",
+                )
+
+    def parsed_logit_bias(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (token id, bias) pairs."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise APIError(
+                    400,
+                    f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}.",
+                    param="logit_bias",
+                )
+            pairs.append((int(key), bias))
+        return tuple(pairs)
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
@@ -121,6 +146,7 @@ class _Common(BaseModel):
                 logprobs=logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
+                logit_bias=self.parsed_logit_bias(),
             )
         except RequestError as e:
             raise APIError(400, str(e)) from e
@@ -137,8 +163,8 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     suffix: str | None = None
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check_supported(self, vocab: int) -> None:
+        super().check_supported(vocab)
         if self.echo:
             raise APIError(400, "echo is not supported.", param="echo")
         if self.best_of not in (None, 1):
@@ -196,8 +222,8 @@ class ChatCompletionRequest(_Common):
             )
         return v
 
-    def check_supported(self) -> None:
-        super().check_supported()
+    def check_supported(self, vocab: int) -> None:
+        super().check_supported(vocab)
         if not self.messages:
             raise APIError(400, "messages must not be empty.", param="messages")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
