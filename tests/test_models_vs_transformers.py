@@ -22,11 +22,17 @@ PROMPTS = [
 NEW_TOKENS = 32
 
 
-def hf_generate(model, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+def hf_generate(model, prompt_ids: list[int], n: int, **options) -> tuple[list[int], torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Greedy; `options`: more generation settings (e.g. sequence_bias)."""
     ids = torch.tensor([prompt_ids])
     # no EOS: generate exactly n tokens, as ignore_eos does on our side
     gen = GenerationConfig(
-        max_new_tokens=n, do_sample=False, eos_token_id=None, output_logits=True, return_dict_in_generate=True
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **options,
     )
     model.generation_config = gen
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)

@@ -183,16 +183,7 @@ def test_logit_bias_through_the_openai_client(
     prompt = Tokenizer(llama_checkpoint).encode("The quick brown fox")
     free = complete(pd.url, model, prompt, 6)
     bias = {free[0]: -100.0, free[2]: 5.0}
-    with torch.no_grad():
-        want = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=6,
-            min_new_tokens=6,
-            do_sample=False,
-            sequence_bias={(t,): b for t, b in bias.items()},
-            pad_token_id=hf.config.eos_token_id,
-        )[0, len(prompt) :].tolist()
+    want = hf_generate(hf, prompt, 6, sequence_bias={(t,): b for t, b in bias.items()})[0]
     assert want[0] != free[0]
     for cluster in (pd, colocated):
         client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
@@ -216,6 +207,65 @@ def test_logit_bias_through_the_openai_client(
             extra_body={"ignore_eos": True, "return_token_ids": True},
         )
         assert [t for chunk in forced for t in chunk.choices[0].token_ids] == [42] * 5
+
+
+def computed_prompt_tokens(cluster: Cluster) -> int:
+    return sum(
+        load(p.address).computed_prompt_tokens for p in cluster.procs if p.name.split("-")[0] != "router"
+    )
+
+
+def test_n_choices_share_one_prefill(pd: Cluster, colocated: Cluster, llama_checkpoint: Path) -> None:
+    """n=4 through the official client, disaggregated and colocated: choice j equals the single-sample output
+    of seed + j (streamed or not, completions and chat), usage counts the prompt once and every choice's tokens,
+    and the prompt is computed once: the other samples compute only its last, partial block."""
+    model = model_name(llama_checkpoint)
+    tok = Tokenizer(llama_checkpoint)
+    for name, cluster in (("disaggregated", pd), ("colocated", colocated)):
+        # a prompt no earlier request cached, whose last 16-token block is partial
+        prompt = tok.encode(f"Once upon a time, {name}, there was a tiny model that " * 5)
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
+        sample = dict(model=model, max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True})
+        before = computed_prompt_tokens(cluster)
+        many = client.completions.create(prompt=prompt, seed=100, n=4, **sample)
+        computed = computed_prompt_tokens(cluster) - before
+        singles = [
+            client.completions.create(prompt=prompt, seed=100 + j, **sample).choices[0].text for j in range(4)
+        ]
+        assert [c.index for c in many.choices] == [0, 1, 2, 3]
+        assert [c.text for c in many.choices] == singles and len(set(singles)) > 1
+        assert many.usage.prompt_tokens == len(prompt) and many.usage.completion_tokens == 24
+        assert len(prompt) % 16 and computed == len(prompt) + 3 * (len(prompt) % 16), computed
+        streamed = client.completions.create(prompt=prompt, seed=100, n=4, stream=True, **sample)
+        texts = ["", "", "", ""]
+        for chunk in streamed:
+            for c in chunk.choices:
+                texts[c.index] += c.text
+        assert texts == singles
+
+        messages = [{"role": "user", "content": "Tell me a story."}]
+        chat = dict(
+            model=model, messages=messages, max_tokens=5, temperature=1.0, extra_body={"ignore_eos": True}
+        )
+        one = [
+            client.chat.completions.create(seed=7 + j, **chat).choices[0].message.content for j in range(3)
+        ]
+        three = client.chat.completions.create(seed=7, n=3, **chat)
+        assert [c.message.content for c in three.choices] == one and [c.index for c in three.choices] == [
+            0,
+            1,
+            2,
+        ]
+        assert (
+            three.usage.prompt_tokens == len(tok.encode_chat(messages))
+            and three.usage.completion_tokens == 15
+        )
+        pieces = client.chat.completions.create(seed=7, n=3, stream=True, **chat)
+        contents = ["", "", ""]
+        for chunk in pieces:
+            for c in chunk.choices:
+                contents[c.index] += c.delta.content or ""
+        assert contents == one
 
 
 def test_32_concurrent_streams_then_no_blocks_used(pd: Cluster, llama_checkpoint: Path) -> None:
@@ -296,7 +346,9 @@ def test_client_disconnect_frees_blocks_on_both_workers(pd: Cluster, llama_check
         ({"model": "M", "prompt": []}, 400, "empty"),
         ({"model": "M", "prompt": [10**7]}, 400, "token ids"),
         ({"model": "M", "prompt": "hi", "temperature": 9}, 400, "temperature"),
-        ({"model": "M", "prompt": "hi", "n": 3}, 400, "n=1"),
+        ({"model": "M", "prompt": "hi", "n": 0}, 400, "n"),
+        ({"model": "M", "prompt": "hi", "n": 17}, 400, "n"),
+        ({"model": "M", "prompt": ["a", "b", "c", "d", "e"], "n": 16}, 400, "--max-prompts"),
         ({"prompt": "hi"}, 400, "model"),
         # values wider than the gRPC contract's fields: refused, not a 500
         ({"model": "M", "prompt": "hi", "seed": 2**70}, 400, "seed"),

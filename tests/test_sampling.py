@@ -223,6 +223,8 @@ def test_logit_bias_matches_transformers_sequence_bias(llm: LLM, llama_checkpoin
     `transformers` with the same biases (its `sequence_bias`); beside an unbiased request in the batch."""
     from transformers import AutoModelForCausalLM
 
+    from tests.test_models_vs_transformers import hf_generate
+
     prompt = llm.tokenizer.encode("The quick brown fox")
     free = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     bias = {free[0]: -100.0, free[3]: 4.5, 7: -2.0}
@@ -230,16 +232,7 @@ def test_logit_bias_matches_transformers_sequence_bias(llm: LLM, llama_checkpoin
     plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outs = llm.generate([prompt, prompt], [params, plain])
     hf = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=8,
-            min_new_tokens=8,  # as ignore_eos: never stops early
-            do_sample=False,
-            sequence_bias={(t,): b for t, b in bias.items()},
-            pad_token_id=hf.config.eos_token_id,
-        )[0, len(prompt) :].tolist()
+    want = hf_generate(hf, prompt, 8, sequence_bias={(t,): b for t, b in bias.items()})[0]
     assert outs[0].token_ids == want and free[0] not in want
     assert outs[1].token_ids == free
 

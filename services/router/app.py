@@ -395,11 +395,18 @@ def create_app(config: RouterConfig) -> FastAPI:
         router.check_model(body.model)
         body.check_supported(router.tokenizer.vocab_size)
         prompts = _completion_prompts(router, body.prompt)
+        if len(prompts) * body.n > router.config.max_prompts:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts x n={body.n} is {len(prompts) * body.n} choices; at most "
+                f"{router.config.max_prompts} are served at once (--max-prompts): split the batch.",
+                param="n",
+            )
         plans = []
         for prompt in prompts:
             max_tokens = router.check_lengths(prompt, body.max_tokens, 16)
-            plans.append((prompt, body.sampling(max_tokens, body.logprobs)))
-        spec = Spec("completions", body.model, body.stream, body.include_usage, body.return_token_ids)
+            plans.extend((prompt, p) for p in body.samples(body.sampling(max_tokens, body.logprobs)))
+        spec = Spec("completions", body.model, body.stream, body.include_usage, body.return_token_ids, body.n)
         return await _serve(router, request, spec, plans)
 
     @app.post("/v1/chat/completions", dependencies=v1)
@@ -417,8 +424,8 @@ def create_app(config: RouterConfig) -> FastAPI:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = router.check_lengths(prompt, body.requested_max_tokens, None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        plans = [(prompt, body.sampling(max_tokens, logprobs))]
-        spec = Spec("chat", body.model, body.stream, body.include_usage, body.return_token_ids)
+        plans = [(prompt, p) for p in body.samples(body.sampling(max_tokens, logprobs))]
+        spec = Spec("chat", body.model, body.stream, body.include_usage, body.return_token_ids, body.n)
         return await _serve(router, request, spec, plans)
 
     return app
@@ -461,17 +468,20 @@ class Spec:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    n: int = 1  # choices per prompt: plans come in groups of n samples of one prompt
 
     @property
     def chat(self) -> bool:
         return self.endpoint == "chat"
 
 
-def _usage(streams: list[GenerationStream]) -> dict[str, Any]:
+def _usage(streams: list[GenerationStream], n: int) -> dict[str, Any]:
+    """As OpenAI counts: each prompt once (its first sample's), every choice's completion tokens."""
+    firsts = streams[::n]
     return R.usage(
-        sum(s.prompt_tokens for s in streams),
+        sum(s.prompt_tokens for s in firsts),
         sum(s.completion_tokens for s in streams),
-        sum(s.cached_tokens for s in streams),
+        sum(s.cached_tokens for s in firsts),
     )
 
 
@@ -491,7 +501,7 @@ async def _serve(
     ids = [rid] if len(plans) == 1 else [f"{rid}-{i}" for i in range(len(plans))]
     opened: list[GenerationStream] = []
     try:
-        opened = await _until_disconnected(request, _open_all(router, ids, plans, deadline))
+        opened = await _until_disconnected(request, _open_all(router, ids, plans, deadline, spec.n))
         if not spec.stream:
             body = await _until_disconnected(request, _collect(router, rid, spec, opened, started))
     except BaseException as e:
@@ -546,29 +556,65 @@ class CleanStreamingResponse(StreamingResponse):
 
 
 async def _open_all(
-    router: Router, ids: list[str], plans: list[tuple[list[int], SamplingParams]], deadline: float | None
+    router: Router,
+    ids: list[str],
+    plans: list[tuple[list[int], SamplingParams]],
+    deadline: float | None,
+    n: int = 1,
 ) -> list[GenerationStream]:
-    """Every prompt up to its first token, concurrently; if one fails, the others are closed."""
+    """Every plan up to its first token, the prompts concurrently (in groups of n samples each); if one fails,
+    the others are closed."""
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         async with asyncio.timeout(timeout):
             if len(plans) == 1:
                 return [await router.dispatcher.open(ids[0], *plans[0], deadline)]
-            tasks = [
-                asyncio.ensure_future(router.dispatcher.open(i, prompt, params, deadline))
-                for i, (prompt, params) in zip(ids, plans, strict=True)
+            groups = [
+                _open_samples(router, ids[i : i + n], plans[i : i + n], deadline)
+                for i in range(0, len(plans), n)
             ]
-            try:
-                return list(await asyncio.gather(*tasks))
-            except BaseException:
-                for t in tasks:
-                    t.cancel()
-                for r in await asyncio.gather(*tasks, return_exceptions=True):
-                    if isinstance(r, GenerationStream):
-                        router.spawn(r.close())
-                raise
+            return [s for group in await _all_or_none(router, groups) for s in group]
     except TimeoutError:
         raise APIError(504, "the request ran past its deadline before its first token") from None
+
+
+async def _open_samples(
+    router: Router, ids: list[str], plans: list[tuple[list[int], SamplingParams]], deadline: float | None
+) -> list[GenerationStream]:
+    """One prompt's samples: the first up to its first token, when its workers hold the prompt in their prefix
+    caches; then the others on those workers, concurrently, each computing only its prompt's last block."""
+    first = await router.dispatcher.open(ids[0], *plans[0], deadline)
+    if len(plans) == 1:
+        return [first]
+    rest = [
+        router.dispatcher.open(rid, prompt, params, deadline, first.affinity)
+        for rid, (prompt, params) in zip(ids[1:], plans[1:], strict=True)
+    ]
+    try:
+        return [first, *(s for group in await _all_or_none(router, [_one(r) for r in rest]) for s in group)]
+    except BaseException:
+        router.spawn(first.close())
+        raise
+
+
+async def _one(opening: Awaitable[GenerationStream]) -> list[GenerationStream]:
+    return [await opening]
+
+
+async def _all_or_none(
+    router: Router, openings: list[Awaitable[list[GenerationStream]]]
+) -> list[list[GenerationStream]]:
+    """Run concurrently; if one fails (or this is cancelled), cancel the rest and close what was opened."""
+    tasks = [asyncio.ensure_future(o) for o in openings]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        for r in await asyncio.gather(*tasks, return_exceptions=True):
+            for stream in r if isinstance(r, list) else []:
+                router.spawn(stream.close())
+        raise
 
 
 async def _collect(
@@ -598,14 +644,8 @@ async def _collect(
     choices = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(streams))))
     timings = streams[0].timings
     if spec.chat:
-        c = choices[0]
-        body = R.chat_body(
-            rid, spec.model, c["text"], c["finish_reason"], c["logprobs"], _usage(streams), timings
-        )
-        if spec.return_token_ids:
-            body["choices"][0]["token_ids"] = c["token_ids"]
-        return body
-    return R.completion_body(rid, spec.model, choices, _usage(streams), timings)
+        return R.chat_body(rid, spec.model, choices, _usage(streams, spec.n), timings)
+    return R.completion_body(rid, spec.model, choices, _usage(streams, spec.n), timings)
 
 
 async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | None]]:
@@ -650,7 +690,10 @@ async def _stream_events(
     outcome.status = "200"
     try:
         if spec.chat:
-            yield R.sse(R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}))
+            for index in range(len(streams)):
+                yield R.sse(
+                    R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}, index)
+                )
         fmts = [R.LogprobFormatter(router.tokenizer, spec.chat) for _ in streams]
         ttfts: list[float | None] = [None] * len(streams)
         sent: list[float | None] = [None] * len(streams)  # when each stream's last chunk went out
@@ -669,7 +712,7 @@ async def _stream_events(
                 lp = fmts[index].add(item.logprobs)
                 if spec.chat:
                     delta = {"content": item.text} if item.text or not item.finish_reason else {}
-                    chunk = R.chat_chunk(rid, spec.model, created, delta, item.finish_reason, lp)
+                    chunk = R.chat_chunk(rid, spec.model, created, delta, index, item.finish_reason, lp)
                 else:
                     chunk = R.completion_chunk(
                         rid, spec.model, created, index, item.text, item.finish_reason, lp
@@ -685,7 +728,7 @@ async def _stream_events(
                     "created": created,
                     "model": spec.model,
                     "choices": [],
-                    "usage": _usage(streams),
+                    "usage": _usage(streams, spec.n),
                     "timings": R.timings_body(streams[0].timings),
                 }
             )

@@ -6,6 +6,7 @@ do not implement are refused with a 400 rather than silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +15,8 @@ from pydantic_core import PydanticCustomError
 from services.common.errors import RequestError
 from services.common.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from services.router.errors import APIError
+
+MAX_N = 16  # choices per request (each prompt's n samples share its prefill through the prefix cache)
 
 # Names the chat template is rendered with already: a chat_template_kwargs entry may not set them.
 RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "tools", "bos_token", "eos_token", "self")
@@ -60,7 +63,7 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -99,8 +102,6 @@ class _Common(BaseModel):
         return stops
 
     def check_supported(self, vocab: int) -> None:
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported; send several requests instead.", param="n")
         for token, bias in self.parsed_logit_bias():
             if token >= vocab:
                 raise APIError(
@@ -115,6 +116,15 @@ class _Common(BaseModel):
                     f"token {token}.",
                     param="logit_bias",
                 )
+
+    def samples(self, params: SamplingParams) -> list[SamplingParams]:
+        """The n choices' parameters: choice j draws with seed + j (so each is the single-sample output of that
+        seed), or unseeded when no seed was given."""
+        if self.seed is None:
+            return [params] * self.n
+        wrap = 2**64
+        seeds = [(self.seed + j + 2**63) % wrap - 2**63 for j in range(self.n)]  # stays a signed 64-bit value
+        return [dataclasses.replace(params, seed=seed) for seed in seeds]
 
     def parsed_logit_bias(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (token id, bias) pairs."""

@@ -108,6 +108,7 @@ class GenerationStream:
     call: grpc.aio.UnaryStreamCall | None = None
     leg: str = "decode"
     worker: Worker | None = None
+    prefill_worker: Worker | None = None  # PD: the worker that computed the prompt
     pool: WorkerPool | None = None
     options: DispatchOptions = field(default_factory=DispatchOptions)
     deadline: float | None = None  # monotonic; past it the request ends with 504
@@ -115,6 +116,14 @@ class GenerationStream:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def affinity(self) -> dict[str, str]:
+        """role -> address of the workers that hold this request's prompt in their cache."""
+        held = {self.leg: self.worker} if self.worker is not None else {}
+        if self.prefill_worker is not None:
+            held["prefill"] = self.prefill_worker
+        return {role: w.address for role, w in held.items()}
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self.finished:
@@ -205,16 +214,22 @@ class Dispatcher:
         self.on_retry = on_retry
 
     async def open(
-        self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float | None = None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None = None,
+        affinity: dict[str, str] | None = None,
     ) -> GenerationStream:
-        """Up to the first token in hand, retrying worker failures on other workers; APIError otherwise."""
+        """Up to the first token in hand, retrying worker failures on other workers; APIError otherwise.
+        `affinity`: role -> the address to use when it is usable (another sample of the same prompt's workers)."""
         started = time.monotonic()
         excluded: set[str] = set()
         failure: APIError | None = None  # of the last attempt
         for attempt in range(self.options.retries + 1):
             rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
             try:
-                stream = await self._attempt(rid, prompt, params, started, excluded)
+                stream = await self._attempt(rid, prompt, params, started, excluded, affinity or {})
             except APIError as e:
                 # no other worker left to retry on: the client learns what went wrong with the last one
                 raise failure if failure is not None and e.status == 503 else e from None
@@ -241,12 +256,18 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     async def _attempt(
-        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        started: float,
+        excluded: set[str],
+        affinity: dict[str, str],
     ) -> GenerationStream:
         if self.pool.mode == "colocated":
-            stream = await self._open_colocated(rid, prompt, params, started, excluded)
+            stream = await self._open_colocated(rid, prompt, params, started, excluded, affinity)
         else:
-            stream = await self._open_pd(rid, prompt, params, started, excluded)
+            stream = await self._open_pd(rid, prompt, params, started, excluded, affinity)
         if stream.call is None:  # PD: the first token already ended the request
             return stream
         try:  # the first token is in hand before anything is sent to the client
@@ -269,9 +290,16 @@ class Dispatcher:
         return stream
 
     async def _open_colocated(
-        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        started: float,
+        excluded: set[str],
+        affinity: dict[str, str],
     ) -> GenerationStream:
-        worker = await self.pool.pick_live("colocated", exclude=excluded, prompt=prompt)
+        prefer = affinity.get("colocated")
+        worker = await self.pool.pick_live("colocated", exclude=excluded, prompt=prompt, prefer=prefer)
         call = worker.colocated.Generate(
             pb.ColocatedRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling_to_proto(params))
         )
@@ -287,12 +315,19 @@ class Dispatcher:
         )
 
     async def _open_pd(
-        self, rid: str, prompt: list[int], params: SamplingParams, started: float, excluded: set[str]
+        self,
+        rid: str,
+        prompt: list[int],
+        params: SamplingParams,
+        started: float,
+        excluded: set[str],
+        affinity: dict[str, str],
     ) -> GenerationStream:
         sampling = sampling_to_proto(params)
-        decode, destination = await self._reserve(rid, prompt, sampling, excluded)
+        decode, destination = await self._reserve(rid, prompt, sampling, excluded, affinity.get("decode"))
         try:
-            prefill = await self.pool.pick_live("prefill", exclude=excluded, prompt=prompt)
+            prefer = affinity.get("prefill")
+            prefill = await self.pool.pick_live("prefill", exclude=excluded, prompt=prompt, prefer=prefer)
         except BaseException:  # no prefill worker can take it (or the client left): nothing was written
             await asyncio.shield(self._release(decode, rid, writer_done=True))
             raise
@@ -325,6 +360,7 @@ class Dispatcher:
         stream = GenerationStream(
             rid, len(prompt), started, worker=decode, pool=self.pool, options=self.options
         )
+        stream.prefill_worker = prefill
         stream.cached_tokens = response.cached_tokens
         t = response.timings
         stream.timings = Timings(t.queue_ms, t.prefill_ms, t.transfer_ms)
@@ -354,7 +390,12 @@ class Dispatcher:
         return stream
 
     async def _reserve(
-        self, rid: str, prompt: list[int], sampling: pb.SamplingParams, excluded: set[str]
+        self,
+        rid: str,
+        prompt: list[int],
+        sampling: pb.SamplingParams,
+        excluded: set[str],
+        prefer: str | None = None,
     ) -> tuple[Worker, pb.KvDestination]:
         """A decode reservation; waits (up to admission_timeout_s) while every decode worker is full."""
         deadline = time.monotonic() + self.options.admission_timeout_s
@@ -363,7 +404,9 @@ class Dispatcher:
             full: set[str] = set()
             while True:
                 try:
-                    decode = await self.pool.pick_live("decode", exclude=excluded | full, prompt=prompt)
+                    decode = await self.pool.pick_live(
+                        "decode", exclude=excluded | full, prompt=prompt, prefer=prefer
+                    )
                 except APIError:
                     break
                 request = pb.ReserveRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)

@@ -103,27 +103,26 @@ def completion_body(
 
 
 def chat_body(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    logprobs: dict[str, Any] | None,
-    usage_body: dict[str, Any],
-    timings: Timings,
+    rid: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, Any], timings: Timings
 ) -> dict[str, Any]:
+    """choices: as the completions body's ({index, text, logprobs, finish_reason[, token_ids]})."""
+    out = []
+    for c in choices:
+        choice = {
+            "index": c["index"],
+            "message": {"role": "assistant", "content": c["text"]},
+            "logprobs": c["logprobs"],
+            "finish_reason": c["finish_reason"],
+        }
+        if "token_ids" in c:
+            choice["token_ids"] = c["token_ids"]
+        out.append(choice)
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": out,
         "usage": usage_body,
         "timings": timings_body(timings),
     }
@@ -134,6 +133,7 @@ def chat_chunk(
     model: str,
     created: int,
     delta: dict[str, Any],
+    index: int = 0,
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 

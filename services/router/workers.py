@@ -224,8 +224,14 @@ class WorkerPool:
 
     # ---- picking -------------------------------------------------------------------------------------------
     def pick(
-        self, role: str, exclude: set[str] | frozenset[str] = frozenset(), prompt: list[int] | None = None
+        self,
+        role: str,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        prompt: list[int] | None = None,
+        prefer: str | None = None,
     ) -> Worker:
+        """A worker of `role` by the policy; `prefer`: this address whenever it is usable (the samples of one
+        request follow the first one's workers, whose cache holds their prompt)."""
         candidates = [w for w in self.of_role(role) if w.usable and w.address not in exclude]
         if not candidates:
             tripped = [
@@ -249,7 +255,11 @@ class WorkerPool:
                 self._hashed = (prompt, block, prefix_hashes(prompt, block, len(prompt) - 1))
             return self.index.matched_blocks(self._hashed[2])
 
-        worker, cached = self.chooser.choose(role, candidates, len(prompt), cached_blocks)
+        preferred = next((w for w in candidates if w.address == prefer), None)
+        if preferred is not None:
+            worker, cached = preferred, cached_blocks().get(preferred.address, 0)
+        else:
+            worker, cached = self.chooser.choose(role, candidates, len(prompt), cached_blocks)
         block = worker.info.block_size if worker.info is not None else 0
         worker.unreported.append((time.monotonic(), max(1, len(prompt) - cached * block)))
         worker.breaker.take()
@@ -258,14 +268,18 @@ class WorkerPool:
         return worker
 
     async def pick_live(
-        self, role: str, exclude: set[str] | frozenset[str] = frozenset(), prompt: list[int] | None = None
+        self,
+        role: str,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        prompt: list[int] | None = None,
+        prefer: str | None = None,
     ) -> Worker:
         """Like pick, but when none looks healthy, poll once more first (a worker may have just come up)."""
         try:
-            return self.pick(role, exclude, prompt)
+            return self.pick(role, exclude, prompt, prefer)
         except APIError:
             await self.poll()
-            return self.pick(role, exclude, prompt)
+            return self.pick(role, exclude, prompt, prefer)
 
     # ---- outcomes ------------------------------------------------------------------------------------------
     def succeeded(self, worker: Worker) -> None:
