@@ -268,6 +268,27 @@ def test_n_choices_share_one_prefill(pd: Cluster, colocated: Cluster, llama_chec
         assert contents == one
 
 
+def test_best_of_keeps_the_most_likely_samples(pd: Cluster, llama_checkpoint: Path) -> None:
+    """best_of=4, n=2: the two of the seeds' four single samples with the highest mean token logprob (computed
+    here from each single sample's logprobs), in seed order; usage bills all four; no logprobs unless asked."""
+    client = openai.OpenAI(base_url=f"{pd.url}/v1", api_key="unused")
+    model = model_name(llama_checkpoint)
+    sample = dict(
+        model=model, prompt="The cat", max_tokens=5, temperature=1.0, extra_body={"ignore_eos": True}
+    )
+    singles = [client.completions.create(seed=30 + j, logprobs=0, **sample).choices[0] for j in range(4)]
+    means = [sum(c.logprobs.token_logprobs) / 5 for c in singles]
+    keep = sorted(sorted(range(4), key=lambda j: -means[j])[:2])
+    best = client.completions.create(seed=30, n=2, best_of=4, **sample)
+    assert [c.text for c in best.choices] == [singles[j].text for j in keep]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == 20
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(seed=30, n=3, best_of=2, **sample)
+    with pytest.raises(openai.BadRequestError, match="streamed"):
+        client.completions.create(best_of=2, stream=True, **sample)
+
+
 def test_32_concurrent_streams_then_no_blocks_used(pd: Cluster, llama_checkpoint: Path) -> None:
     model = model_name(llama_checkpoint)
     rng = random.Random(7)

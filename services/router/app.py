@@ -395,18 +395,30 @@ def create_app(config: RouterConfig) -> FastAPI:
         router.check_model(body.model)
         body.check_supported(router.tokenizer.vocab_size)
         prompts = _completion_prompts(router, body.prompt)
-        if len(prompts) * body.n > router.config.max_prompts:
+        samples = body.num_samples
+        if len(prompts) * samples > router.config.max_prompts:
             raise APIError(
                 400,
-                f"{len(prompts)} prompts x n={body.n} is {len(prompts) * body.n} choices; at most "
+                f"{len(prompts)} prompts x {samples} samples is {len(prompts) * samples}; at most "
                 f"{router.config.max_prompts} are served at once (--max-prompts): split the batch.",
                 param="n",
             )
+        ranked = samples > body.n  # best_of: every sample's logprobs, to keep the n most likely
+        logprobs = body.logprobs if body.logprobs is not None or not ranked else 0
         plans = []
         for prompt in prompts:
             max_tokens = router.check_lengths(prompt, body.max_tokens, 16)
-            plans.extend((prompt, p) for p in body.samples(body.sampling(max_tokens, body.logprobs)))
-        spec = Spec("completions", body.model, body.stream, body.include_usage, body.return_token_ids, body.n)
+            plans.extend((prompt, p) for p in body.samples(body.sampling(max_tokens, logprobs)))
+        spec = Spec(
+            "completions",
+            body.model,
+            body.stream,
+            body.include_usage,
+            body.return_token_ids,
+            samples,
+            body.n,
+            show_logprobs=body.logprobs is not None,
+        )
         return await _serve(router, request, spec, plans)
 
     @app.post("/v1/chat/completions", dependencies=v1)
@@ -425,7 +437,9 @@ def create_app(config: RouterConfig) -> FastAPI:
         max_tokens = router.check_lengths(prompt, body.requested_max_tokens, None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         plans = [(prompt, p) for p in body.samples(body.sampling(max_tokens, logprobs))]
-        spec = Spec("chat", body.model, body.stream, body.include_usage, body.return_token_ids, body.n)
+        spec = Spec(
+            "chat", body.model, body.stream, body.include_usage, body.return_token_ids, body.n, body.n
+        )
         return await _serve(router, request, spec, plans)
 
     return app
@@ -468,7 +482,9 @@ class Spec:
     stream: bool
     include_usage: bool
     return_token_ids: bool
-    n: int = 1  # choices per prompt: plans come in groups of n samples of one prompt
+    n: int = 1  # samples per prompt: plans come in groups of n samples of one prompt
+    keep: int = 1  # choices returned per prompt: the `keep` most likely of its n samples (best_of)
+    show_logprobs: bool = True  # False: logprobs were asked for only to rank the samples
 
     @property
     def chat(self) -> bool:
@@ -637,15 +653,35 @@ async def _collect(
             "logprobs": fmt.body() if fmt.offsets or fmt.content else None,
             "finish_reason": s.finish_reason,
         }
+        if spec.keep < spec.n:  # best_of: the mean logprob per token ranks the samples
+            choice["_rank"] = sum(fmt.token_logprobs) / max(1, len(fmt.token_logprobs))
         if spec.return_token_ids:
             choice["token_ids"] = token_ids
         return choice
 
     choices = list(await asyncio.gather(*(one(i, s) for i, s in enumerate(streams))))
+    if spec.keep < spec.n:
+        choices = _best(choices, spec)
     timings = streams[0].timings
     if spec.chat:
         return R.chat_body(rid, spec.model, choices, _usage(streams, spec.n), timings)
     return R.completion_body(rid, spec.model, choices, _usage(streams, spec.n), timings)
+
+
+def _best(choices: list[dict[str, Any]], spec: Spec) -> list[dict[str, Any]]:
+    """Each prompt's `keep` samples of the highest log probability per token (OpenAI's best_of), in sample
+    order, numbered again."""
+    best = []
+    for start in range(0, len(choices), spec.n):
+        group = choices[start : start + spec.n]
+        top = sorted(sorted(group, key=lambda c: -c["_rank"])[: spec.keep], key=lambda c: c["index"])
+        best.extend(top)
+    for index, c in enumerate(best):
+        c["index"] = index
+        del c["_rank"]
+        if not spec.show_logprobs:
+            c["logprobs"] = None
+    return best
 
 
 async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, Delta | None]]:

@@ -117,13 +117,20 @@ class _Common(BaseModel):
                     param="logit_bias",
                 )
 
+    @property
+    def num_samples(self) -> int:
+        """Samples drawn per prompt (n, or best_of of which the n best are returned)."""
+        return max(self.n, getattr(self, "best_of", None) or 1)
+
     def samples(self, params: SamplingParams) -> list[SamplingParams]:
-        """The n choices' parameters: choice j draws with seed + j (so each is the single-sample output of that
+        """Each sample's parameters: sample j draws with seed + j (so each is the single-sample output of that
         seed), or unseeded when no seed was given."""
         if self.seed is None:
-            return [params] * self.n
+            return [params] * self.num_samples
         wrap = 2**64
-        seeds = [(self.seed + j + 2**63) % wrap - 2**63 for j in range(self.n)]  # stays a signed 64-bit value
+        seeds = [
+            (self.seed + j + 2**63) % wrap - 2**63 for j in range(self.num_samples)
+        ]  # a signed 64-bit value
         return [dataclasses.replace(params, seed=seed) for seed in seeds]
 
     def parsed_logit_bias(self) -> tuple[tuple[int, float], ...]:
@@ -177,8 +184,13 @@ class CompletionRequest(_Common):
         super().check_supported(vocab)
         if self.echo:
             raise APIError(400, "echo is not supported.", param="echo")
-        if self.best_of not in (None, 1):
-            raise APIError(400, "best_of is not supported.", param="best_of")
+        if self.best_of is not None:
+            if not self.n <= self.best_of <= MAX_N:
+                raise APIError(400, f"best_of must be between n ({self.n}) and {MAX_N}.", param="best_of")
+            if self.stream and self.best_of > 1:
+                raise APIError(
+                    400, "best_of > 1 cannot be streamed: the best are known at the end.", param="best_of"
+                )
         if self.suffix:
             raise APIError(400, "suffix is not supported.", param="suffix")
 
