@@ -429,7 +429,7 @@ def create_app(config: RouterConfig) -> FastAPI:
             prompt = router.tokenizer.encode_chat(
                 body.rendered_messages(),
                 body.add_generation_prompt,
-                tools=body.tools,
+                tools=body.rendered_tools,
                 **(body.chat_template_kwargs or {}),
             )
         except RequestError as e:

@@ -249,9 +249,25 @@ class ChatCompletionRequest(_Common):
         if not self.messages:
             raise APIError(400, "messages must not be empty.", param="messages")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "response_format other than text is not supported.", param="response_format")
+            raise APIError(
+                400,
+                "response_format other than text is not served yet (it needs constrained decoding).",
+                param="response_format",
+            )
+        if self.tool_choice not in (None, "auto", "none"):
+            raise APIError(
+                400,
+                "tool_choice 'required' or a named function is not served yet (it needs constrained decoding); "
+                "use 'auto' or 'none'.",
+                param="tool_choice",
+            )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+
+    @property
+    def rendered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows the model (none with tool_choice 'none')."""
+        return None if self.tool_choice == "none" else self.tools
 
     def rendered_messages(self) -> list[dict[str, Any]]:
         out = []
