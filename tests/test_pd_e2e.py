@@ -406,6 +406,12 @@ def test_bad_completion_requests_get_openai_errors(
             400,
             "not supported",
         ),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+        ),
     ],
 )
 def test_bad_chat_requests_get_openai_errors(pd: Cluster, llama_checkpoint: Path, payload, status, needle):
