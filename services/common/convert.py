@@ -31,6 +31,8 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         msg.seed = p.seed
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    if p.response_format is not None:
+        msg.response_format = p.response_format
     return msg
 
 
@@ -52,6 +54,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         include_stop_str_in_output=msg.include_stop_str_in_output,
         skip_special_tokens=msg.skip_special_tokens,
         logit_bias=tuple(msg.logit_bias.items()),
+        response_format=msg.response_format if msg.HasField("response_format") else None,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -41,9 +42,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the sampled token's; n: plus the n most likely
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    logit_bias: tuple[tuple[int, float], ...] = field(
-        default=()
-    )  # (token id, added to its logit), ids unique
+    # (token id, added to its logit), ids unique
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    # structured output, as JSON: {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    response_format: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +101,8 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(f"{message}.")
+        if self.response_format is not None:
+            _check_response_format(self.response_format)
         if self.temperature < GREEDY_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)
 
@@ -109,3 +113,15 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _check_response_format(text: str) -> None:
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise RequestError(f"response_format is not valid JSON: {e}.") from e
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in ("json_object", "json_schema"):
+        raise RequestError("response_format type must be json_object or json_schema.")
+    if kind == "json_schema" and not isinstance(spec.get("schema"), dict):
+        raise RequestError("a json_schema response_format needs its schema (a JSON object).")

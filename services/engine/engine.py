@@ -21,6 +21,7 @@ from services.engine.block_manager import BlockAllocator
 from services.engine.config import EngineConfig, EngineRuntime
 from services.engine.cuda_graphs import default_sizes
 from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.grammar import Grammars
 from services.engine.kv_cache import KVCache, KVLayout
 from services.engine.model_config import ModelConfig
 from services.engine.models import load_model
@@ -92,6 +93,7 @@ class Engine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
+        self.grammars = Grammars(config.model, self.model_config.vocab_size)
         device = self._bind_device()
         self.parallel = init_parallel(config.parallel, config.rank, config.dist_init_method or "env://")
         dtype = config.resolve_dtype(device, self.model_config.checkpoint_dtype)
@@ -231,6 +233,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab}).")
+        if params.response_format is not None:
+            self.grammars.compiled(params.response_format)  # an unusable schema is the request's error
         outside = [t for t, _ in params.logit_bias if t >= vocab]
         if outside:
             raise RequestError(
@@ -409,6 +413,8 @@ class Engine:
         produced = position + 1 - seq.prompt_len  # output tokens up to this one
         if logprob is not None:
             seq.logprobs.append(logprob)
+        if seq.matcher is not None and not seq.matcher.is_terminated():
+            seq.matcher.accept_token(token)
         detok = self.detokenizers[seq.request_id]
         before = len(detok.text)
         detok.add(token)
@@ -420,6 +426,8 @@ class Engine:
             reason, stop_reason = "stop", detok.stopped_by
         elif produced >= params.max_tokens or position + 1 >= self.runtime.max_model_len:
             reason = "length"
+        elif seq.matcher is not None and seq.matcher.is_terminated():  # the format is complete
+            reason, stop_reason = "stop", token
         if self.config.role == "prefill" and reason is None:
             reason = "prefilled"
         if reason is not None:
@@ -466,6 +474,8 @@ class Engine:
         if request_id in self.seqs:
             raise RequestError(f"request id '{request_id}' is already in use.")
         seq = Sequence.new(request_id, prompt_ids, params)
+        if params.response_format is not None:
+            seq.matcher = self.grammars.matcher(params.response_format)
         if params.seed is not None:
             seq.generator = torch.Generator(self.runtime.device).manual_seed(params.seed)
         self.seqs[request_id] = seq

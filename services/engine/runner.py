@@ -243,7 +243,8 @@ class ModelRunner:
         """Whether a batch can run overlapped: a decode batch that a captured CUDA graph covers."""
         return (
             self.graphs is not None
-            and all(i.num_new_tokens == 1 and i.samples for i in batch.items)
+            # a structured output's next mask needs this step's token: no step may start before it is read
+            and all(i.num_new_tokens == 1 and i.samples and i.seq.matcher is None for i in batch.items)
             and self.graphs.bucket(len(batch.items)) is not None
         )
 
@@ -273,7 +274,7 @@ class ModelRunner:
         logits = self.graphs.run(
             *graph, h.token_ids, h.positions, h.slots, np.asarray(h.seq_lens), h.block_tables, fill
         )
-        out = self.sampler(logits, SamplingBatch.from_seqs(h.sampling_seqs, self.device))
+        out = self.sampler(logits, SamplingBatch.from_seqs(h.sampling_seqs, self.device, logits.shape[-1]))
         host = torch.empty(out.token_ids.shape, dtype=out.token_ids.dtype, pin_memory=True)
         host.copy_(out.token_ids, non_blocking=True)
         copies = tuple(
@@ -301,7 +302,7 @@ class ModelRunner:
             return StepResult([], [], [])
         logits = self.sample_logits(h)
         seqs = h.sampling_seqs
-        out = self.sampler(logits, SamplingBatch.from_seqs(seqs, self.device))
+        out = self.sampler(logits, SamplingBatch.from_seqs(seqs, self.device, logits.shape[-1]))
         token_ids = out.token_ids.tolist()
         return StepResult(
             seqs, token_ids, self._logprobs(seqs, token_ids, out.logprobs, out.top_ids, out.top_logprobs)

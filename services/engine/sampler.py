@@ -27,6 +27,9 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # [B] float32
     # logit bias as (rows, token ids, values) [N] each, every row's entries together; None if no row has any
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    grammar: (
+        torch.Tensor | None
+    )  # [B, vocab / 32] int32 on the host: allowed next tokens (structured outputs)
     output_ids: list[list[int]]  # for penalties
     generators: list[torch.Generator | None]
     num_logprobs: int | None  # the most top logprobs any row asks for; None if no row wants logprobs
@@ -37,7 +40,8 @@ class SamplingBatch:
     any_min_p: bool
 
     @classmethod
-    def from_seqs(cls, seqs: list[Sequence], device: torch.device) -> SamplingBatch:
+    def from_seqs(cls, seqs: list[Sequence], device: torch.device, vocab_size: int = 0) -> SamplingBatch:
+        """vocab_size: the logits' width (for structured outputs' masks)."""
         params = [s.params for s in seqs]
 
         def col(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -59,6 +63,11 @@ class SamplingBatch:
                 col(list(ids), torch.int64),
                 col(list(values), torch.float32),
             )
+        grammar = None
+        if any(s.matcher is not None for s in seqs):
+            from services.engine.grammar import token_bitmask
+
+            grammar = token_bitmask([s.matcher for s in seqs], vocab_size)
         return cls(
             temperature=col([p.temperature for p in params], torch.float32) if sampled else None,
             top_k=col([max(p.top_k, 0) for p in params], torch.int64) if sampled else None,
@@ -69,6 +78,7 @@ class SamplingBatch:
             if penalties
             else None,
             logit_bias=logit_bias,
+            grammar=grammar,
             output_ids=[s.output_ids for s in seqs] if penalties else [],
             generators=[s.generator for s in seqs] if sampled else [],
             num_logprobs=max(wanted) if wanted else None,
@@ -167,13 +177,18 @@ class Sampler:
         self.generator = generator  # for rows without a seed of their own
 
     def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> SamplerOutput:
-        plain = sb.logit_bias is None and not sb.any_penalties
+        plain = sb.logit_bias is None and not sb.any_penalties and sb.grammar is None
         if sb.all_greedy and plain and sb.num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # the common fast path: no upcast
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if sb.num_logprobs is not None else None
         if sb.logit_bias is not None:
             logits = logits.index_put(sb.logit_bias[:2], sb.logit_bias[2], accumulate=True)
+        if sb.grammar is not None:
+            from services.engine.grammar import apply_bitmask
+
+            logits = logits.clone()  # masked in place: not the caller's tensor
+            apply_bitmask(logits, sb.grammar)
         if sb.any_penalties:
             logits = apply_penalties(logits, sb)
         greedy = logits.argmax(dim=-1)

@@ -7,6 +7,7 @@ do not implement are refused with a 400 rather than silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -248,12 +249,7 @@ class ChatCompletionRequest(_Common):
         super().check_supported(vocab)
         if not self.messages:
             raise APIError(400, "messages must not be empty.", param="messages")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise APIError(
-                400,
-                "response_format other than text is not served yet (it needs constrained decoding).",
-                param="response_format",
-            )
+        self.structured_format()  # a malformed response_format is a 400 before anything is sent
         if self.tool_choice not in (None, "auto", "none"):
             raise APIError(
                 400,
@@ -263,6 +259,35 @@ class ChatCompletionRequest(_Common):
             )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+
+    def structured_format(self) -> str | None:
+        """OpenAI's response_format as the workers take it: {"type": "json_object"} or {"type": "json_schema",
+        "schema": ...} (JSON text), None for plain text."""
+        rf = self.response_format or {}
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json.dumps({"type": "json_object"})
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(
+                    400,
+                    "response_format json_schema needs json_schema.schema, a JSON Schema object.",
+                    param="response_format",
+                )
+            return json.dumps({"type": "json_schema", "schema": schema})
+        raise APIError(
+            400,
+            f"response_format type must be text, json_object or json_schema, got {kind!r}.",
+            param="response_format",
+        )
+
+    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        params = super().sampling(max_tokens, logprobs)
+        return dataclasses.replace(params, response_format=self.structured_format())
 
     @property
     def rendered_tools(self) -> list[dict[str, Any]] | None:
