@@ -1,8 +1,8 @@
 """Turn a batch of logits into next tokens, each row with its own sampling parameters.
 
-Applied in this order (the order of `transformers`' logits warpers, our oracle, after OpenAI's logit bias): logit
-bias, presence/frequency penalties, temperature, top-k, top-p, min-p; then one draw by the exponential-race trick (argmax of p / Exp(1) noise), which
-needs no host sync. Rows with a seed draw their noise from their own generator, so a seeded request samples the
+Applied in this order: OpenAI's logit bias, the structured-output mask, then (the order of `transformers'` logits
+warpers, our oracle) presence/frequency penalties, temperature, top-k, top-p, min-p; then one draw by the
+exponential-race trick (argmax of p / Exp(1) noise), which needs no host sync. Rows with a seed draw their noise from their own generator, so a seeded request samples the
 same tokens whatever else is in the batch.
 """
 
@@ -27,9 +27,8 @@ class SamplingBatch:
     frequency_penalty: torch.Tensor | None  # [B] float32
     # logit bias as (rows, token ids, values) [N] each, every row's entries together; None if no row has any
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-    grammar: (
-        torch.Tensor | None
-    )  # [B, vocab / 32] int32 on the host: allowed next tokens (structured outputs)
+    # [B, vocab / 32] int32 on the host: each row's allowed next tokens (structured outputs); None if no row has any
+    grammar: torch.Tensor | None
     output_ids: list[list[int]]  # for penalties
     generators: list[torch.Generator | None]
     num_logprobs: int | None  # the most top logprobs any row asks for; None if no row wants logprobs
