@@ -413,8 +413,8 @@ class Engine:
         produced = position + 1 - seq.prompt_len  # output tokens up to this one
         if logprob is not None:
             seq.logprobs.append(logprob)
-        if seq.matcher is not None and not seq.matcher.is_terminated():
-            seq.matcher.accept_token(token)
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         detok = self.detokenizers[seq.request_id]
         before = len(detok.text)
         detok.add(token)
@@ -426,7 +426,7 @@ class Engine:
             reason, stop_reason = "stop", detok.stopped_by
         elif produced >= params.max_tokens or position + 1 >= self.runtime.max_model_len:
             reason = "length"
-        elif seq.matcher is not None and seq.matcher.is_terminated():  # the format is complete
+        elif seq.matcher is not None and seq.matcher.done:  # the format is complete
             reason, stop_reason = "stop", token
         if self.config.role == "prefill" and reason is None:
             reason = "prefilled"

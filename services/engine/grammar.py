@@ -13,10 +13,35 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from services.common.errors import RequestError
 
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
+
+
+class Constraint:
+    """One request's matcher, and the tokens JSON may ever hold (none with a raw control character: inside a
+    string JSON needs them escaped, and the compact format puts no whitespace but spaces between values)."""
+
+    def __init__(self, matcher: Any, printable: torch.Tensor) -> None:
+        self.matcher = matcher
+        self.printable = printable  # [vocab / 32] int32 bitmask
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+            bitmask[row] &= self.printable
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.is_terminated()
 
 
 class Grammars:
@@ -26,6 +51,7 @@ class Grammars:
         self.model_path = str(model_path)
         self.vocab_size = vocab_size
         self._compiler: Any = None
+        self._printable: torch.Tensor | None = None
         self.compiled = lru_cache(maxsize=256)(self._compile)
 
     def _compiler_for_model(self) -> Any:
@@ -40,6 +66,7 @@ class Grammars:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
             self._compiler = xgrammar.GrammarCompiler(info)
+            self._printable = _printable_tokens(info.decoded_vocab, self.vocab_size)
         return self._compiler
 
     def _compile(self, response_format: str) -> Any:
@@ -52,24 +79,35 @@ class Grammars:
         except (RuntimeError, ValueError) as e:  # xgrammar reports an unusable schema so
             raise RequestError(f"response_format: the JSON schema cannot be compiled: {e}") from e
 
-    def matcher(self, response_format: str) -> Any:
+    def matcher(self, response_format: str) -> Constraint:
         import xgrammar
 
-        return xgrammar.GrammarMatcher(self.compiled(response_format))
+        compiled = self.compiled(response_format)
+        assert self._printable is not None
+        return Constraint(xgrammar.GrammarMatcher(compiled), self._printable)
 
 
-def token_bitmask(matchers: list[Any], vocab_size: int) -> Any:
+def _printable_tokens(decoded_vocab: list[bytes], vocab_size: int) -> torch.Tensor:
+    """Bitmask (bit t of word t // 32 set: allowed) of the tokens without a byte below 0x20."""
+    allowed = np.zeros(-(-vocab_size // 32) * 32, dtype=bool)
+    for t, text in enumerate(decoded_vocab[:vocab_size]):
+        allowed[t] = not any(b < 0x20 for b in text)
+    bits = allowed.reshape(-1, 32).astype(np.uint64) << np.arange(32, dtype=np.uint64)
+    return torch.from_numpy(bits.sum(axis=1).astype(np.uint32).view(np.int32))
+
+
+def token_bitmask(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor:
     """[rows, ceil(vocab / 32)] int32 on the host: each row's allowed next tokens (all for rows without one)."""
     import xgrammar
 
-    bitmask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
-    for row, matcher in enumerate(matchers):
-        if matcher is not None and not matcher.is_terminated():
-            matcher.fill_next_token_bitmask(bitmask, row)
+    bitmask = xgrammar.allocate_token_bitmask(len(constraints), vocab_size)
+    for row, constraint in enumerate(constraints):
+        if constraint is not None:
+            constraint.fill(bitmask, row)
     return bitmask
 
 
-def apply_bitmask(logits: Any, bitmask: Any) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Disallowed tokens' logits to -inf, in place (logits [rows, >= vocab] on any device)."""
     import xgrammar
 

@@ -42,7 +42,7 @@ class Sequence:
     generator: torch.Generator | None = None
     scheduled_time: float | None = None  # first time any of its tokens ran
     first_token_time: float | None = None
-    matcher: Any = None  # structured output: which tokens may come next (grammar.Grammars.matcher)
+    matcher: Any = None  # structured output: which tokens may come next (grammar.Constraint)
 
     @classmethod
     def new(cls, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
