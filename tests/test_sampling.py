@@ -263,7 +263,10 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "maxLength": 8},  # random tokens inside: control characters must not appear
+        "name": {
+            "type": "string",
+            "maxLength": 8,
+        },  # random tokens inside: control characters must not appear
         "color": {"enum": ["red", "green", "blue"]},
         "ok": {"type": "boolean"},
         "n": {"type": "integer", "minimum": 0, "maximum": 99},
