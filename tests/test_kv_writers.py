@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,16 @@ def start_peer() -> Peer:
     return Peer(proc, session, int(base))
 
 
+def stop(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped: on a loaded machine the signal takes effect a while later,
+    and a peer still running could take the writes meant to find it stalled."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def peers() -> Iterator[tuple[Peer, Peer]]:
     a, b = start_peer(), start_peer()
@@ -110,7 +121,7 @@ def test_a_stalled_peer_delays_only_its_own_requests(sender, peers) -> None:  # 
     slow, fast = peers
     send(s, "warm", slow.destination((0, 1, 2, 3)), [0, 1, 2, 3])  # the handshake happens while it is alive
     s.wait("warm", 10)
-    os.kill(slow.proc.pid, signal.SIGSTOP)
+    stop(slow.proc.pid)
     # more work for the stalled peer than there are staging slots; the engine thread never waits for any of it
     spent = send(s, "stuck", slow.destination(tuple(range(4, 20))), list(range(16, 32)))
     spent += send(s, "also-stuck", slow.destination(tuple(range(20, 28))), list(range(32, 40)))
