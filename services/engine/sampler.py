@@ -179,14 +179,15 @@ class Sampler:
         plain = sb.logit_bias is None and not sb.any_penalties and sb.grammar is None
         if sb.all_greedy and plain and sb.num_logprobs is None:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)  # the common fast path: no upcast
-        logits = logits.float()
+        model_logits, logits = logits, logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if sb.num_logprobs is not None else None
         if sb.logit_bias is not None:
             logits = logits.index_put(sb.logit_bias[:2], sb.logit_bias[2], accumulate=True)
         if sb.grammar is not None:
             from services.engine.grammar import apply_bitmask
 
-            logits = logits.clone()  # masked in place: not the caller's tensor
+            if logits is model_logits:  # masked in place: never the caller's tensor
+                logits = logits.clone()
             apply_bitmask(logits, sb.grammar)
         if sb.any_penalties:
             logits = apply_penalties(logits, sb)

@@ -120,8 +120,8 @@ class _Common(BaseModel):
 
     @property
     def num_samples(self) -> int:
-        """Samples drawn per prompt (n, or best_of of which the n best are returned)."""
-        return max(self.n, getattr(self, "best_of", None) or 1)
+        """Samples drawn per prompt."""
+        return self.n
 
     def samples(self, params: SamplingParams) -> list[SamplingParams]:
         """Each sample's parameters: sample j draws with seed + j (so each is the single-sample output of that
@@ -180,6 +180,11 @@ class CompletionRequest(_Common):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """n, or best_of (of which the n best are returned)."""
+        return max(self.n, self.best_of or 1)
 
     def check_supported(self, vocab: int) -> None:
         super().check_supported(vocab)

@@ -2,8 +2,8 @@
 (every head) rotated in place; the latent row (the normed compressed KV, then the rotated shared key part) written
 to a new tensor and, where the slot is not -1, to the paged cache.
 
-Rounding follows the reference implementation: cos/sin rounded to the model dtype, each product rounded, then the
-sum. Interleaved rotary (DeepSeek) pairs (x0, x1), (x2, x3), ... and writes the rotated pairs as two halves, as the
+Rounding follows the reference implementation, as in kernels/rope_store.py (whose rotation it shares).
+Interleaved rotary (DeepSeek) pairs (x0, x1), (x2, x3), ... and writes the rotated pairs as two halves, as the
 reference does.
 """
 
@@ -13,16 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from services.engine.kernels.rope_store import cos_sin, rotate_pair
+
 
 @triton.jit
 def _rotated(ptr, rows, stride, d, cos, sin, mask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     lo = ptr + rows[:, None] * stride + (2 * d if INTERLEAVED else d)[None, :]
     x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo + (1 if INTERLEAVED else HALF), mask=mask, other=0.0).to(tl.float32)
-    ty = ptr.dtype.element_ty
-    o1 = ((x1 * cos).to(ty).to(tl.float32) - (x2 * sin).to(ty).to(tl.float32)).to(ty)
-    o2 = ((x2 * cos).to(ty).to(tl.float32) + (x1 * sin).to(ty).to(tl.float32)).to(ty)
-    return o1, o2
+    return rotate_pair(x1, x2, cos, sin, ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -56,9 +55,7 @@ def _latent_rope_kernel(
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
-    ty = q_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
+    cos, sin = cos_sin(cos_ptr, sin_ptr, pos, d, dmask, HALF, q_ptr.dtype.element_ty)
     h = tl.arange(0, BLOCK_H)
     qmask = (h < heads)[:, None] & dmask[None, :]
     q1, q2 = _rotated(q_ptr + t * stride_qt, h, stride_qh, d, cos, sin, qmask, HALF, INTERLEAVED)

@@ -14,6 +14,22 @@ import triton.language as tl
 
 
 @triton.jit
+def cos_sin(cos_ptr, sin_ptr, pos, d, dmask, HALF: tl.constexpr, ty: tl.constexpr):
+    """A position's cos/sin [1, HALF], rounded to the model dtype as the reference rounds them."""
+    cos = tl.load(cos_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotate_pair(x1, x2, cos, sin, ty: tl.constexpr):
+    """(x1, x2) rotated, each product rounded to the model dtype, then the sum."""
+    o1 = ((x1 * cos).to(ty).to(tl.float32) - (x2 * sin).to(ty).to(tl.float32)).to(ty)
+    o2 = ((x2 * cos).to(ty).to(tl.float32) + (x1 * sin).to(ty).to(tl.float32)).to(ty)
+    return o1, o2
+
+
+@triton.jit
 def _rotate(x_ptr, offs_h, stride_h, d, half, cos, sin, mask, w_ptr, eps, NORM: tl.constexpr):
     lo = x_ptr + offs_h[:, None] * stride_h + d[None, :]
     x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
@@ -25,8 +41,7 @@ def _rotate(x_ptr, offs_h, stride_h, d, half, cos, sin, mask, w_ptr, eps, NORM: 
         w2 = tl.load(w_ptr + half + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
         x1 = (w1 * (x1 * rms).to(ty).to(tl.float32)).to(ty).to(tl.float32)
         x2 = (w2 * (x2 * rms).to(ty).to(tl.float32)).to(ty).to(tl.float32)
-    o1 = ((x1 * cos).to(ty).to(tl.float32) - (x2 * sin).to(ty).to(tl.float32)).to(ty)
-    o2 = ((x2 * cos).to(ty).to(tl.float32) + (x1 * sin).to(ty).to(tl.float32)).to(ty)
+    o1, o2 = rotate_pair(x1, x2, cos, sin, ty)
     tl.store(lo, o1, mask=mask)
     tl.store(lo + half, o2, mask=mask)
     return o1, o2
@@ -68,9 +83,7 @@ def _rope_store_kernel(
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, BLOCK_HALF)
     dmask = d < HALF
-    ty = q_ptr.dtype.element_ty
-    cos = tl.load(cos_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
-    sin = tl.load(sin_ptr + pos * HALF + d, mask=dmask, other=0.0).to(ty).to(tl.float32)[None, :]
+    cos, sin = cos_sin(cos_ptr, sin_ptr, pos, d, dmask, HALF, q_ptr.dtype.element_ty)
     hq = tl.arange(0, BLOCK_HQ)
     qmask = (hq < num_q_heads)[:, None] & dmask[None, :]
     _rotate(q_ptr + t * stride_qt, hq, stride_qh, d, HALF, cos, sin, qmask, q_norm_ptr, eps, NORM)
