@@ -140,9 +140,11 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def num_splits_for(num_seqs: int, num_kv_heads: int, sm_count: int, max_splits: int = 32) -> int:
-    """Enough programs to keep every SM busy with a few each, and no more (each split costs a partial write)."""
-    return max(1, min(max_splits, -(-4 * sm_count // max(1, num_seqs * num_kv_heads))))
+def num_splits_for(
+    num_seqs: int, num_kv_heads: int, sm_count: int, max_splits: int = 32, per_sm: int = 4
+) -> int:
+    """Enough programs to give every SM `per_sm` of them, and no more (each split costs a partial write)."""
+    return max(1, min(max_splits, -(-per_sm * sm_count // max(1, num_seqs * num_kv_heads))))
 
 
 def decode_attention(

@@ -111,13 +111,15 @@ def latent_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     sm_count: int,
-    config: tuple[int, int, int] = (32, 8, 2),
+    config: tuple[int, int, int] = (32, 4, 2),
     splits: int | None = None,
 ) -> torch.Tensor:
     """The query in two parts, q [S, H, V] (against each cached latent's first V columns, which are also the
     values) and q_rope [S, H, R] (against the last R), any row and head strides, over cache [blocks, block_size,
     1, V + R] (a strided view) -> [S, H, V]. block_tables [>=S, max_blocks] int32, seq_lens [>=S] int32 (each
-    >= 1). config: (BLOCK_N, warps, stages); splits: of each context (default: by SM count)."""
+    >= 1). config: (BLOCK_N, warps, stages); splits: of each context (default: one program per SM, by SM count).
+    Defaults from bench/latent_decode.py on an H200 (16 heads, b128/b256 x 1024 tokens: 1.7x the former
+    (32, 8, 2) with 4 programs per SM, whose larger tiles and extra splits cost more than they hid)."""
     seqs, heads, value_dim = q.shape
     rope = q_rope.shape[2]
     dim = value_dim + rope
@@ -129,7 +131,7 @@ def latent_decode_attention(
         return out
     block_h = min(64, max(16, triton.next_power_of_2(heads)))
     head_blocks = triton.cdiv(heads, block_h)
-    splits = splits or num_splits_for(seqs, head_blocks, sm_count)
+    splits = splits or num_splits_for(seqs, head_blocks, sm_count, per_sm=1)
     block_n, warps, stages = config
     block_v = triton.next_power_of_2(value_dim)
     direct = splits == 1
