@@ -123,9 +123,10 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def router(self, *extra: str) -> Proc:
+    def router(self, *extra: str, model: Path | None = None) -> Proc:
+        """A router in front of every worker (model: another folder with the tokenizer and chat template)."""
         port = free_port()
-        argv = ["router", "--model", str(self.model), "--port", str(port)]
+        argv = ["router", "--model", str(model or self.model), "--port", str(port)]
         for role in ("prefill", "decode", "colocated"):
             addresses = [p.address for p in self.procs if p.name.startswith(role)]
             if addresses:

@@ -316,6 +316,65 @@ def test_json_schema_outputs_through_the_openai_client(
         assert obj.choices[0].message.content.startswith("{")
 
 
+def test_required_and_named_tool_choices_through_the_openai_client(
+    pd: Cluster, colocated: Cluster, llama_checkpoint: Path
+) -> None:
+    """tool_choice 'required' and a named function constrain a random model's output (disaggregated and
+    colocated, streamed and not): every call names an offered tool and its arguments validate against that
+    tool's parameters (jsonschema). With parallel calls allowed, this random model keeps adding calls until
+    max_tokens: the cut-short array comes back as content, not as broken calls."""
+    import jsonschema
+
+    from tests.test_sampling import SCHEMA
+
+    small = {"type": "object", "properties": {"zone": {"enum": ["CET", "UTC"]}}, "required": ["zone"]}
+    tools = [
+        {"type": "function", "function": {"name": "describe", "parameters": SCHEMA}},
+        {"type": "function", "function": {"name": "get_time", "parameters": small}},
+    ]
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    messages = [{"role": "user", "content": "Call a tool."}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for cluster in (pd, colocated):
+        client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
+        args = dict(model=model_name(llama_checkpoint), messages=messages, tools=tools, max_tokens=120)
+        one = dict(tool_choice="required", parallel_tool_calls=False, **args)
+        for seed in range(3):
+            out = client.chat.completions.create(seed=seed, **one).choices[0]
+            assert out.finish_reason == "tool_calls" and out.message.content is None
+            assert len(out.message.tool_calls) == 1, out
+            call = out.message.tool_calls[0]
+            jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+            streamed = ["", ""]
+            for chunk in client.chat.completions.create(seed=seed, stream=True, **one):
+                for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+                    assert d.index == 0
+                    streamed[0] += d.function.name or ""
+                    streamed[1] += d.function.arguments or ""
+            assert streamed == [call.function.name, call.function.arguments]
+
+            forced = client.chat.completions.create(seed=seed, tool_choice=named, **args).choices[0]
+            assert [c.function.name for c in forced.message.tool_calls] == ["get_time"]
+            assert forced.finish_reason == "tool_calls" and forced.message.content is None
+            jsonschema.validate(json.loads(forced.message.tool_calls[0].function.arguments), small)
+
+            many = client.chat.completions.create(seed=seed, tool_choice="required", **args).choices[0]
+            if many.finish_reason == "tool_calls":
+                for call in many.message.tool_calls:
+                    jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
+            else:
+                assert many.finish_reason == "length" and many.message.tool_calls is None
+                assert many.message.content.startswith('[{"name": "')
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            client.chat.completions.create(
+                tool_choice="required", response_format={"type": "json_object"}, **args
+            )
+        with pytest.raises(openai.BadRequestError, match="not in tools"):
+            client.chat.completions.create(
+                tool_choice={"type": "function", "function": {"name": "nope"}}, **args
+            )
+
+
 def test_32_concurrent_streams_then_no_blocks_used(pd: Cluster, llama_checkpoint: Path) -> None:
     model = model_name(llama_checkpoint)
     rng = random.Random(7)
@@ -434,6 +493,16 @@ def test_bad_completion_requests_get_openai_errors(
             "not supported",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]}, 400, "tools[0]"),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+                "tool_choice": "required",
+            },
+            400,
+            "cannot be compiled",
+        ),
         (
             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
             400,

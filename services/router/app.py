@@ -33,6 +33,7 @@ from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
 from services.router.openai_api import ChatCompletionRequest, CompletionRequest
 from services.router.pipeline import Delta, Dispatcher, DispatchOptions, GenerationStream
+from services.router.tool_calls import CallReader, ToolPlan, detect_format
 from services.router.workers import ROLES, Worker, WorkerPool, static_members
 
 log = logging.getLogger("pdmesh.router")
@@ -74,6 +75,7 @@ class RouterConfig:
     poll_interval_s: float = 1.0  # how often the router's metrics of its workers are refreshed
     load_interval_s: float = 0.25  # how often each worker reports its load to each router
     policy: str = "kv_aware"
+    tool_call_parser: str = "auto"  # auto (from the chat template) | hermes | llama3_json | none
     breaker_threshold: int = 3
     breaker_cooldown_s: float = 5.0
     dns_interval_s: float = 5.0
@@ -91,6 +93,11 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.tokenizer = Tokenizer(config.model)
+        self.tool_format = (
+            detect_format(self.tokenizer.chat_template)
+            if config.tool_call_parser == "auto"
+            else config.tool_call_parser
+        )
         self.metrics = RouterMetrics()
         static: dict[str, list[str]] = {}
         self.dns_names = []
@@ -425,20 +432,28 @@ def create_app(config: RouterConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         router.check_model(body.model)
         body.check_supported(router.tokenizer.vocab_size)
+        tools = body.tool_plan(router.tool_format)
         try:
             prompt = router.tokenizer.encode_chat(
                 body.rendered_messages(),
                 body.add_generation_prompt,
-                tools=body.rendered_tools,
+                tools=body.tools if tools.shown else None,
                 **(body.chat_template_kwargs or {}),
             )
         except RequestError as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = router.check_lengths(prompt, body.requested_max_tokens, None)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        plans = [(prompt, p) for p in body.samples(body.sampling(max_tokens, logprobs))]
+        plans = [(prompt, p) for p in body.samples(body.sampling(max_tokens, logprobs, tools))]
         spec = Spec(
-            "chat", body.model, body.stream, body.include_usage, body.return_token_ids, body.n, body.n
+            "chat",
+            body.model,
+            body.stream,
+            body.include_usage,
+            body.return_token_ids,
+            body.n,
+            body.n,
+            tools=tools if tools.reads_calls else None,
         )
         return await _serve(router, request, spec, plans)
 
@@ -485,6 +500,10 @@ class Spec:
     n: int = 1  # samples per prompt: plans come in groups of n samples of one prompt
     keep: int = 1  # choices returned per prompt: the `keep` most likely of its n samples (best_of)
     show_logprobs: bool = True  # False: logprobs were asked for only to rank the samples
+    tools: ToolPlan | None = None  # chat: the tool calls to read from each choice's text
+
+    def reader(self) -> CallReader:
+        return self.tools.reader() if self.tools is not None else CallReader()
 
     @property
     def chat(self) -> bool:
@@ -653,6 +672,14 @@ async def _collect(
             "logprobs": fmt.body() if fmt.offsets or fmt.content else None,
             "finish_reason": s.finish_reason,
         }
+        if spec.tools is not None:
+            reader = spec.reader()
+            reader.feed(choice["text"])
+            reader.finish()
+            choice["text"] = reader.message_content()
+            choice["finish_reason"] = reader.finish_reason(s.finish_reason)
+            if reader.calls:
+                choice["tool_calls"] = reader.calls
         if spec.keep < spec.n:  # best_of: the mean logprob per token ranks the samples
             choice["_rank"] = sum(fmt.token_logprobs) / max(1, len(fmt.token_logprobs))
         if spec.return_token_ids:
@@ -719,6 +746,41 @@ async def _merged(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, D
             p.cancel()
 
 
+def _chat_chunks(
+    rid: str,
+    spec: Spec,
+    created: int,
+    index: int,
+    item: Delta,
+    reader: CallReader,
+    logprobs: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One worker delta as chat chunks: the content and tool-call deltas its text completes (none while a call
+    is still arriving), the logprobs on the first, the finish reason on the last; at least one chunk."""
+    deltas = reader.feed(item.text)
+    if item.finish_reason:
+        deltas += reader.finish()
+    if not deltas and not item.finish_reason:
+        if spec.tools is None:
+            deltas = [{"content": ""}]
+        elif logprobs is None and not spec.return_token_ids:
+            return []  # a call still arriving: nothing to tell yet
+    deltas = deltas or [{}]
+    finish = reader.finish_reason(item.finish_reason)
+    return [
+        R.chat_chunk(
+            rid,
+            spec.model,
+            created,
+            delta,
+            index,
+            finish if i == len(deltas) - 1 else None,
+            logprobs if i == 0 else None,
+        )
+        for i, delta in enumerate(deltas)
+    ]
+
+
 async def _stream_events(
     router: Router, rid: str, spec: Spec, streams: list[GenerationStream], started: float, outcome: Outcome
 ) -> AsyncIterator[str]:
@@ -731,6 +793,7 @@ async def _stream_events(
                     R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}, index)
                 )
         fmts = [R.LogprobFormatter(router.tokenizer, spec.chat) for _ in streams]
+        readers = [spec.reader() for _ in streams]
         ttfts: list[float | None] = [None] * len(streams)
         sent: list[float | None] = [None] * len(streams)  # when each stream's last chunk went out
         itl = router.metrics.itl
@@ -747,15 +810,15 @@ async def _stream_events(
                 sent[index] = now
                 lp = fmts[index].add(item.logprobs)
                 if spec.chat:
-                    delta = {"content": item.text} if item.text or not item.finish_reason else {}
-                    chunk = R.chat_chunk(rid, spec.model, created, delta, index, item.finish_reason, lp)
+                    chunks = _chat_chunks(rid, spec, created, index, item, readers[index], lp)
                 else:
-                    chunk = R.completion_chunk(
-                        rid, spec.model, created, index, item.text, item.finish_reason, lp
-                    )
-                if spec.return_token_ids:
-                    chunk["choices"][0]["token_ids"] = item.token_ids
-                yield R.sse(chunk)
+                    chunks = [
+                        R.completion_chunk(rid, spec.model, created, index, item.text, item.finish_reason, lp)
+                    ]
+                if spec.return_token_ids and chunks:
+                    chunks[0]["choices"][0]["token_ids"] = item.token_ids
+                for chunk in chunks:
+                    yield R.sse(chunk)
         if spec.include_usage:
             yield R.sse(
                 {

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from services.common.errors import RequestError
 from services.common.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from services.router.errors import APIError
+from services.router.tool_calls import ToolPlan, template_messages
 
 MAX_N = 16  # choices per request (each prompt's n samples share its prefill through the prefix cache)
 
@@ -234,6 +235,7 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -255,21 +257,28 @@ class ChatCompletionRequest(_Common):
         if not self.messages:
             raise APIError(400, "messages must not be empty.", param="messages")
         self.structured_format()  # a malformed response_format is a 400 before anything is sent
-        if self.tool_choice not in (None, "auto", "none"):
-            raise APIError(
-                400,
-                "tool_choice 'required' or a named function is not served yet (it needs constrained decoding); "
-                "use 'auto' or 'none'.",
-                param="tool_choice",
-            )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
 
-    def structured_format(self) -> str | None:
+    def tool_plan(self, fmt: str) -> ToolPlan:
+        """tools and tool_choice, checked; fmt: the tool-call format of the model's chat template."""
+        return ToolPlan.from_request(self.tools, self.tool_choice, self.parallel_tool_calls, fmt)
+
+    def structured_format(self, tools: ToolPlan | None = None) -> str | None:
         """OpenAI's response_format as the workers take it: {"type": "json_object"} or {"type": "json_schema",
-        "schema": ...} (JSON text), None for plain text."""
+        "schema": ...} (JSON text), None for plain text. A required or named tool_choice is a schema too."""
         rf = self.response_format or {}
         kind = rf.get("type", "text")
+        forced = tools.schema() if tools is not None else None
+        if forced is not None:
+            if kind != "text":
+                raise APIError(
+                    400,
+                    "response_format cannot be combined with tool_choice 'required' or a named function: both "
+                    "decide the output's form.",
+                    param="response_format",
+                )
+            return json.dumps({"type": "json_schema", "schema": forced})
         if kind == "text":
             return None
         if kind == "json_object":
@@ -290,14 +299,11 @@ class ChatCompletionRequest(_Common):
             param="response_format",
         )
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(
+        self, max_tokens: int, logprobs: int | None, tools: ToolPlan | None = None
+    ) -> SamplingParams:
         params = super().sampling(max_tokens, logprobs)
-        return dataclasses.replace(params, response_format=self.structured_format())
-
-    @property
-    def rendered_tools(self) -> list[dict[str, Any]] | None:
-        """The tools the chat template shows the model (none with tool_choice 'none')."""
-        return None if self.tool_choice == "none" else self.tools
+        return dataclasses.replace(params, response_format=self.structured_format(tools))
 
     def rendered_messages(self) -> list[dict[str, Any]]:
         out = []
@@ -305,7 +311,7 @@ class ChatCompletionRequest(_Common):
             msg = m.model_dump(exclude_none=True)
             msg["content"] = m.text()
             out.append(msg)
-        return out
+        return template_messages(out)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -105,12 +105,15 @@ def completion_body(
 def chat_body(
     rid: str, model: str, choices: list[dict[str, Any]], usage_body: dict[str, Any], timings: Timings
 ) -> dict[str, Any]:
-    """choices: as the completions body's ({index, text, logprobs, finish_reason[, token_ids]})."""
+    """choices: as the completions body's ({index, text, logprobs, finish_reason[, token_ids][, tool_calls]})."""
     out = []
     for c in choices:
+        message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+        if c.get("tool_calls"):
+            message["tool_calls"] = c["tool_calls"]
         choice = {
             "index": c["index"],
-            "message": {"role": "assistant", "content": c["text"]},
+            "message": message,
             "logprobs": c["logprobs"],
             "finish_reason": c["finish_reason"],
         }

@@ -12,6 +12,7 @@ import time
 from services.router.app import KubernetesDiscovery, RayDiscovery, RouterConfig, create_app
 from services.router.pipeline import DispatchOptions
 from services.router.policies import POLICIES
+from services.router.tool_calls import FORMATS
 
 log = logging.getLogger("pdmesh.router")
 
@@ -119,6 +120,13 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         "--worker-wait", type=float, default=300.0, help="seconds to wait for workers at start"
     )
     parser.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=FORMATS,
+        help="how tool calls are read from the model's output (default auto: from the chat template; hermes: "
+        "Qwen2.5/Qwen3 <tool_call> JSON; llama3_json: Llama 3.x JSON; none: never)",
+    )
+    parser.add_argument(
         "--policy",
         default="kv_aware",
         choices=POLICIES,
@@ -163,6 +171,7 @@ def router_config(args: argparse.Namespace, model: str) -> RouterConfig:
         max_prompts=args.max_prompts,
         worker_wait_s=args.worker_wait,
         policy=args.policy,
+        tool_call_parser=args.tool_call_parser,
         breaker_threshold=args.breaker_threshold,
         breaker_cooldown_s=args.breaker_cooldown,
         dns_interval_s=args.dns_interval,
