@@ -29,7 +29,7 @@ def llm(llama_checkpoint: Path) -> LLM:
 
 
 def test_logit_bias_on_the_gpu_needs_no_host_sync() -> None:
-    """The batch's biases go to the GPU without waiting (pinned-free small copies, non_blocking) and are added
+    """The batch's biases are copied to the GPU without waiting for it (non_blocking) and added
     with one index_put: no synchronisation while sampling (CUDA's sync debug mode raises on any), and the tokens
     are the CPU sampler's."""
     from services.common.sampling_params import SamplingParams
