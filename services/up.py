@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.router.policies import POLICIES  # light: the router's policy names
+from services.router.tool_calls import FORMATS  # light: the tool-call formats' names
 
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 10.0
@@ -72,6 +73,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the router picks workers",
     )
     parser.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=FORMATS,
+        help="how the router reads tool calls (default auto: from the chat template)",
+    )
+    parser.add_argument(
         "--routers",
         type=int,
         default=1,
@@ -107,7 +114,7 @@ def worker_argv(args: argparse.Namespace, model: str) -> list[str]:
 
 def router_argv(args: argparse.Namespace, model: str) -> list[str]:
     """The options every router replica gets (each adds where it listens and where its workers are)."""
-    argv = ["--model", model, "--policy", args.policy]
+    argv = ["--model", model, "--policy", args.policy, "--tool-call-parser", args.tool_call_parser]
     if args.kv_checksum:
         argv.append("--kv-checksum")
     if args.api_key:
