@@ -167,7 +167,8 @@ def expert_gemm(
     if a.element_size() > 2:  # fp32 tiles: half as deep, so the pipeline's buffers fit in shared memory
         block_k, stages = block_k // 2, min(stages, 3)
     if pairs:
-        grid = (triton.cdiv(pairs, block_m) + count, triton.cdiv(n, block_n))
+        # tiles: at most one per BLOCK_M pairs plus one partial per expert, and never more than the pairs
+        grid = (min(triton.cdiv(pairs, block_m) + count, pairs), triton.cdiv(n, block_n))
         _expert_gemm_kernel[grid](
             a,
             order,
