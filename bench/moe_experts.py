@@ -74,13 +74,22 @@ def measure(experts, tokens: int, k: int, bandwidth: float) -> tuple[int, float,
     return touched, roof, replay_us(ours), replay_us(grouped)
 
 
-SWEEP = [
+SWEEP = [  # decode sizes: one 16-row tile, the weights are the traffic
     (16, n, k, w, st)
     for n in (16, 32, 64, 128)
     for k in (64, 128, 256)
     for w in (2, 4)
     for st in (3, 4)
     if not (k == 256 and st == 4)
+]
+SWEEP_LARGE = [  # prefill sizes: the matmul is the work
+    (m, n, k, w, st)
+    for m in (64, 128)
+    for n in (64, 128, 256)
+    for k in (32, 64)
+    for w in (4, 8)
+    for st in (3, 4)
+    if not (m == 128 and n == 256 and (k == 64 or w == 4))
 ]
 
 
@@ -105,7 +114,7 @@ def sweep(experts, tokens: int, k: int, bandwidth: float) -> None:  # type: igno
         base = replay_us(functools.partial(run, default))
         want = run(default).float()
         best = (base, default)
-        for config in SWEEP:
+        for config in SWEEP if tokens < 256 else SWEEP_LARGE:
             try:
                 us = replay_us(functools.partial(run, config))
             except Exception as e:  # a tile that does not fit: skip it

@@ -143,9 +143,7 @@ def gemm_config(pairs: int, experts: int) -> tuple[int, int, int, int, int]:
         return 16, 128, 128, 4, 3
     if per_expert <= 32:
         return 32, 128, 128, 4, 3
-    if per_expert <= 96:
-        return 64, 128, 64, 4, 3
-    return 128, 128, 64, 8, 3
+    return 128, 128, 64, 8, 4 if per_expert <= 128 else 3
 
 
 def expert_gemm(
