@@ -130,6 +130,16 @@ def test_tool_calls_through_the_openai_client(
     assert [(s["name"], json.loads(s["arguments"])) for _, s in sorted(acc.items())] == calls
     assert all(s["id"].startswith("call_") for s in acc.values())
 
+    # logprobs and token ids are not lost while a call is held back: one entry per generated token
+    lps, token_ids = [], []
+    for chunk in client.chat.completions.create(
+        stream=True, logprobs=True, extra_body={"return_token_ids": True}, **args
+    ):
+        for c in chunk.choices:
+            lps += c.logprobs.content if c.logprobs and c.logprobs.content else []
+            token_ids += (c.model_extra or {}).get("token_ids") or []
+    assert len(lps) == len(token_ids) == out.usage.completion_tokens
+
     one = client.chat.completions.create(parallel_tool_calls=False, **args).choices[0]
     assert calls_of(one.message) == calls[:1]
 
