@@ -293,7 +293,7 @@ def test_json_schema_outputs_through_the_openai_client(
     pd: Cluster, colocated: Cluster, llama_checkpoint: Path
 ) -> None:
     """response_format json_schema, disaggregated (the prefill worker samples the first token under the schema,
-    the decode worker continues from it) and colocated, streamed and not: every seed's answer validates."""
+    the decode worker continues from it) and colocated: 20 seeds' answers validate; the first 5 streamed too."""
     import jsonschema
 
     from tests.test_sampling import SCHEMA
@@ -303,10 +303,12 @@ def test_json_schema_outputs_through_the_openai_client(
     for cluster in (pd, colocated):
         client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused")
         args = dict(model=model_name(llama_checkpoint), messages=messages, max_tokens=80, temperature=1.0)
-        for seed in range(5):
+        for seed in range(20):
             out = client.chat.completions.create(seed=seed, response_format=fmt, **args)
             assert out.choices[0].finish_reason == "stop"
             jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
+            if seed >= 5:
+                continue
             chunks = client.chat.completions.create(seed=seed, response_format=fmt, stream=True, **args)
             streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             assert streamed == out.choices[0].message.content
