@@ -77,7 +77,10 @@ class Grammars:
             schema = {"type": "object"} if spec["type"] == JSON_OBJECT else spec["schema"]
             return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError) as e:  # xgrammar reports an unusable schema so
-            raise RequestError(f"response_format: the JSON schema cannot be compiled: {e}") from e
+            raise RequestError(
+                "the output's JSON schema (response_format's, or the tools' parameters under tool_choice "
+                f"'required' or a named function) cannot be compiled: {e}"
+            ) from e
 
     def matcher(self, response_format: str) -> Constraint:
         import xgrammar
