@@ -1,12 +1,17 @@
-"""Two-batch overlap (TBO) on two GPUs: expert-parallel MoE with data-parallel attention, TBO off vs on.
+"""Two-batch overlap (TBO) on several GPUs: expert-parallel MoE with data-parallel attention, TBO off vs on.
 
-    python bench/tbo.py [--layers 16] [--prefill 4096,8192,16384] [--decode 64,128,256] [--context 1024]
-                        [--out r.json]
+    python bench/tbo.py [--model qwen3_30b_a3b|deepseek_v3] [--gpus 2] [--layers 16]
+                        [--prefill 4096,8192,16384] [--decode 64,128,256] [--context 1024] [--out r.json]
 
-The model has Qwen3-30B-A3B's shape (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768, top-8, vocab
-151936; `--layers` of its 48 layers) with random bf16 weights made on the GPUs. Two ranks, one per GPU: each
-serves its own batch (data-parallel attention) and holds 64 of the experts (EP=2); tokens reach their experts by
-the fixed-shape dispatch (all-gather, then a reduce-scatter of the expert sums) over NCCL.
+Models, `--layers` of them with random bf16 weights made on the GPUs:
+- qwen3_30b_a3b: Qwen3-30B-A3B's shape (hidden 2048, 32 q / 4 kv heads of 128, 128 experts of 768, top-8, vocab
+  151936; 48 layers);
+- deepseek_v3: DeepSeek-V3's layers (hidden 7168, 128 heads of MLA with a 512 + 64 latent and a 1536 query rank,
+  256 experts of 2048 + 1 shared, top-8 of 8 groups (4 chosen), sigmoid scores with the correction bias; every
+  layer is an MoE layer here: the checkpoint's first three dense layers are left out).
+One rank per GPU (`--gpus`, default all): each serves its own batch (data-parallel attention) and holds 1/N of the
+experts (EP=N); tokens reach their experts by the fixed-shape dispatch (all-gather, then a reduce-scatter of the
+expert sums) over NCCL.
 
 - prefill: one forward of T tokens per rank (prompts of --prompt-len tokens), eager;
 - decode: one step at batch B per rank, --context tokens of context each, replayed from CUDA graphs (the split
@@ -62,6 +67,50 @@ QWEN3_30B_A3B = {
     "eos_token_id": 151645,
     "dtype": "bfloat16",
 }
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 0,
+    "moe_layer_freq": 1,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "n_group": 8,
+    "topk_group": 4,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "dtype": "bfloat16",
+}
+MODELS = {"qwen3_30b_a3b": QWEN3_30B_A3B, "deepseek_v3": DEEPSEEK_V3}
 BLOCK = 16
 
 
@@ -72,7 +121,7 @@ def prefill_inputs(tokens: int, prompt_len: int, rank: int):  # type: ignore[no-
     n, per = tokens // prompt_len, prompt_len // BLOCK
     tables = np.arange(n * per, dtype=np.int32).reshape(n, per)
     slots = (tables.astype(np.int64)[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
-    ids = np.random.default_rng(rank).integers(1000, 150000, n * prompt_len)
+    ids = np.random.default_rng(rank).integers(1000, 120000, n * prompt_len)
     positions = np.tile(np.arange(prompt_len, dtype=np.int64), n)
     return HostInputs(ids, positions, slots, [prompt_len] * n, [prompt_len] * n, tables, [], [], tokens)
 
@@ -85,7 +134,7 @@ def decode_inputs(batch: int, context: int, rank: int):  # type: ignore[no-untyp
     tables = np.arange(batch * per, dtype=np.int32).reshape(batch, per)
     pos = context - 1
     slots = tables[:, pos // BLOCK].astype(np.int64) * BLOCK + pos % BLOCK
-    ids = np.random.default_rng(rank).integers(1000, 150000, batch)
+    ids = np.random.default_rng(rank).integers(1000, 120000, batch)
     positions = np.full(batch, pos, dtype=np.int64)
     return HostInputs(
         ids, positions, slots, [1] * batch, [context] * batch, tables, list(range(batch)), [], 0
@@ -160,7 +209,7 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
             model=model_dir,
             load_format="dummy",
             dtype="bfloat16",
-            parallel=ParallelConfig(dp=2, ep=2),
+            parallel=ParallelConfig(dp=args.gpus, ep=args.gpus),
             rank=rank,
             dist_init_method=f"tcp://127.0.0.1:{port}",
             tbo=True,
@@ -226,6 +275,8 @@ def worker(rank: int, port: int, model_dir: str, args: argparse.Namespace, out: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3_30b_a3b", choices=list(MODELS))
+    ap.add_argument("--gpus", type=int, default=0, help="ranks, one per GPU (default: every GPU)")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--prefill", default="4096,8192,16384", help="tokens per rank")
     ap.add_argument("--prompt-len", type=int, default=2048)
@@ -237,19 +288,23 @@ def main() -> None:
     args = ap.parse_args()
     args.prefill_tokens = [int(t) for t in args.prefill.split(",")]
     args.decode_batches = [int(b) for b in args.decode.split(",")]
-    if torch.cuda.device_count() < 2:
-        sys.exit("bench/tbo.py needs two GPUs")
+    args.gpus = args.gpus or torch.cuda.device_count()
+    if not 2 <= args.gpus <= torch.cuda.device_count():
+        sys.exit(f"bench/tbo.py needs 2 or more GPUs (--gpus {args.gpus}; {torch.cuda.device_count()} here)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    config = dict(QWEN3_30B_A3B, num_hidden_layers=args.layers)
+    config = dict(MODELS[args.model], num_hidden_layers=args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp), config)
         out = Path(tmp) / "results.json"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(worker, args=(port, str(model_dir), args, str(out)), nprocs=2)
+        mp.spawn(worker, args=(port, str(model_dir), args, str(out)), nprocs=args.gpus)
         results = json.loads(out.read_text())
-    print(f"\n{torch.cuda.get_device_name()} x2, EP=2 + data-parallel attention, {args.layers} layers")
+    print(
+        f"\n{torch.cuda.get_device_name()} x{args.gpus}, {args.model}, EP={args.gpus} + data-parallel attention, "
+        f"{args.layers} layers"
+    )
     print(
         f"GPU peer access: {results['peer_access']}; start-up calibration (off s, on s): {results['calibration']}"
     )
