@@ -128,3 +128,25 @@ def test_calibration_keeps_tbo_only_where_it_was_faster(dense: Path) -> None:
     expected = min((s for s in wins if all(wins[t] for t in wins if t >= s)), default=33)
     assert engine.runner.tbo.min_prefill_tokens == expected
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, progress=False)] == single(dense, PROMPTS)
+
+
+def test_each_rank_of_a_parallel_worker_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:N with several ranks: rank r on GPU N + r (wrapping at the GPU count), so two tensor-parallel
+    workers share a 4-GPU host as GPUs 0-1 and 2-3; one rank keeps exactly the device it was given."""
+    import torch
+
+    from services.engine.config import EngineConfig
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    two = ParallelConfig(tp=2)
+    assert [EngineConfig("m", device="cuda:2", parallel=two).resolve_device(r) for r in (0, 1)] == [
+        torch.device("cuda", 2),
+        torch.device("cuda", 3),
+    ]
+    assert [EngineConfig("m", device="cuda", parallel=two).resolve_device(r) for r in (0, 1)] == [
+        torch.device("cuda", 0),
+        torch.device("cuda", 1),
+    ]
+    assert EngineConfig("m", device="cuda:3", parallel=two).resolve_device(1) == torch.device("cuda", 0)
+    assert EngineConfig("m", device="cuda:3").resolve_device(0) == torch.device("cuda", 3)
+    assert EngineConfig("m", device="cpu", parallel=two).resolve_device(1) == torch.device("cpu")

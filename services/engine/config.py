@@ -117,14 +117,16 @@ class EngineConfig:
         return self.ep_dispatch
 
     def resolve_device(self, rank: int = 0) -> torch.device:
-        """auto: cuda (one GPU per rank) if available, else cpu; cuda with several ranks: one GPU per rank."""
+        """auto: cuda (one GPU per rank) if available, else cpu. cuda or cuda:N with several ranks: one GPU per
+        rank, rank r on GPU N + r (so two parallel workers on one host can take GPUs 0-1 and 2-3)."""
         if self.device == "auto":
             if torch.cuda.is_available():
                 return torch.device("cuda", rank % torch.cuda.device_count())
             return torch.device("cpu")
-        if self.device == "cuda" and self.parallel.world > 1:
-            return torch.device("cuda", rank % torch.cuda.device_count())  # one GPU per rank
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda" and self.parallel.world > 1:
+            return torch.device("cuda", ((device.index or 0) + rank) % torch.cuda.device_count())
+        return device
 
     def resolve_dtype(self, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
         if self.dtype != "auto":
