@@ -19,7 +19,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address-file", help="write the HOST:PORT the worker serves at to this file once it serves"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (several ranks: rank r on GPU N + r)")
+    parser.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N (several ranks: rank r on GPU N + r)"
+    )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, help="KV blocks (default: sized from memory)")
