@@ -3,9 +3,11 @@
     python bench/serving.py                                   # Llama-3.1-8B-shaped random checkpoint, 1 GPU
     python bench/serving.py --model DIR --gpus 2 --protocols auto,tcp,rdma
     python bench/serving.py --tiny --out /tmp/serving         # CPU smoke test: the embedded tiny model
+    python bench/serving.py --gpus 2 --workloads long8k,chat --rates 0.5,1,2,4   # goodput by request rate
 
 Each configuration is a fresh `pdmesh up` cluster (colocated first: it is the baseline) driven by the same
-`pdmesh bench` workloads, closed loop; warm-up requests are left out, as `pdmesh bench` does. With one GPU the
+`pdmesh bench` workloads, closed loop (with --rates: open loop at each rate, Poisson arrivals, the workload's
+concurrency as the cap); warm-up requests are left out, as `pdmesh bench` does. With one GPU the
 prefill and decode workers share it (`pdmesh up` splits its memory between them). Without --model the model is
 Llama-3.1-8B's shape with random bf16 weights (`--load-format dummy`: a config and a tokenizer, no weights on
 disk). One Markdown
@@ -50,32 +52,68 @@ class Workload:
     requests: int
     seed: int  # distinct per workload: equal seeds draw equal prompt prefixes (prefix-cache hits across runs)
     prefix_len: int = 0  # > 0: the shared-prefix dataset, 4 groups sharing a system prompt of this length
+    input_max: int = 0  # > input_len: lengths drawn uniformly from [input_len, input_max]
+    output_max: int = 0
+    rate: float = (
+        0.0  # > 0: open loop, Poisson arrivals at this many requests per second (concurrency caps them)
+    )
 
     @property
     def label(self) -> str:
         shared = f"{self.prefix_len} shared + " if self.prefix_len else ""
-        return f"{shared}{self.input_len}/{self.output_len} @{self.concurrency}"
+        load = f"{self.rate:g}/s" if self.rate else str(self.concurrency)
+        return f"{shared}{_span(self.input_len, self.input_max)}/{_span(self.output_len, self.output_max)} @{load}"
 
     def scaled(self, scale: int) -> Workload:
         return replace(
             self,
             input_len=max(1, self.input_len // scale),
             output_len=max(2, self.output_len // scale),
+            input_max=self.input_max // scale,
+            output_max=self.output_max // scale,
             prefix_len=self.prefix_len // scale,
             requests=max(4, self.requests // scale),
         )
 
+    def at_rate(self, rate: float) -> Workload:
+        return replace(self, name=f"{self.name}@{rate:g}", rate=rate)
+
     def bench_args(self) -> list[str]:
         dataset = ["shared-prefix", "--prefix-len", str(self.prefix_len)] if self.prefix_len else ["random"]
-        lengths = ["--input-len", str(self.input_len), "--output-len", str(self.output_len)]
-        load = ["--concurrency", str(self.concurrency), "--num-prompts", str(self.requests)]
-        return ["--dataset", *dataset, *lengths, *load, "--seed", str(self.seed)]
+        lengths = ["--input-len", _range(self.input_len, self.input_max)]
+        lengths += ["--output-len", _range(self.output_len, self.output_max)]
+        if self.rate:
+            load = ["--rate", f"{self.rate:g}", "--max-concurrency", str(self.concurrency)]
+        else:
+            load = ["--concurrency", str(self.concurrency)]
+        return [
+            "--dataset",
+            *dataset,
+            *lengths,
+            *load,
+            "--num-prompts",
+            str(self.requests),
+            "--seed",
+            str(self.seed),
+        ]
+
+
+def _range(low: int, high: int) -> str:
+    return f"{low}:{high}" if high > low else str(low)
+
+
+def _span(low: int, high: int) -> str:
+    return f"{low}-{high}" if high > low else str(low)
 
 
 WORKLOADS = {
     "long": Workload("long", 4096, 128, 8, 64, seed=1000),
     "short": Workload("short", 1024, 256, 32, 128, seed=2000),
     "prefix": Workload("prefix", 512, 128, 16, 128, seed=3000, prefix_len=2048),
+    # PD's case: long prompts, short answers
+    "long8k": Workload("long8k", 8192, 256, 32, 64, seed=4000),
+    # chat: prompts and answers of spread lengths, as in ShareGPT conversations (no dataset file needed)
+    "chat": Workload("chat", 64, 32, 64, 256, seed=5000, input_max=2048, output_max=512),
 }
 
 
@@ -100,6 +138,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kv-checksum", action="store_true", help="PD runs verify every KV transfer (debug)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
     ap.add_argument("--requests", help="requests per workload, e.g. 64,128,128 (default: those / --scale)")
+    ap.add_argument(
+        "--rates",
+        help="requests per second, e.g. 0.5,1,2,4: each workload open loop at each rate (its concurrency the cap) "
+        "instead of closed loop",
+    )
     ap.add_argument("--scale", type=int, help="divide lengths and request counts (default 1; --tiny: 16)")
     ap.add_argument("--warmup", type=int, default=4, help="warm-up requests per workload, left out")
     ap.add_argument("--slo", help="goodput SLO (default ttft_ms=1000,tpot_ms=50; --tiny: 10x looser)")
@@ -127,6 +170,14 @@ def check_args(args: argparse.Namespace) -> tuple[list[Workload], list[str], str
         if len(counts) != len(workloads) or min(counts) < 1:
             raise UsageError(f"--requests takes {len(workloads)} positive counts (one per workload)")
         workloads = [replace(w, requests=n) for w, n in zip(workloads, counts, strict=True)]
+    if args.rates:
+        try:
+            rates = [float(r) for r in args.rates.split(",") if r]
+        except ValueError:
+            rates = []
+        if not rates or min(rates) <= 0:
+            raise UsageError(f"--rates takes positive requests per second, e.g. 0.5,1,2, got '{args.rates}'")
+        workloads = [w.at_rate(r) for w in workloads for r in rates]
     up = argparse.ArgumentParser()
     add_up_arguments(up)
     known = next(a.choices for a in up._actions if a.dest == "transfer_protocol") or ()
