@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken
 
-from services.engine.tiny_model import BOS, EOS, IM_END, build_tokenizer, model_config, random_weights
+from services.engine.tiny_model import (
+    BOS,
+    EOS,
+    IM_END,
+    build_tokenizer,
+    model_config,
+    random_weights,
+    write_tokenizer,
+)
 
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 
@@ -131,20 +138,6 @@ def make_scripted_model(out: Path, seed: int = 0) -> dict[str, Path]:
     for family, (template, _, _, end) in SCRIPTS.items():
         folder = model if family == "hermes" else out / f"scripted-{family}"
         folder.mkdir(exist_ok=True)
-        tok.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "bos_token": BOS,
-                    "eos_token": end,
-                    "pad_token": EOS,
-                    "clean_up_tokenization_spaces": False,
-                    "model_max_length": 4096,
-                    "chat_template": template,
-                }
-            )
-        )
+        write_tokenizer(tok, folder, template, end)
         folders[family] = folder
-    shutil.copy(model / "config.json", folders["llama3_json"] / "config.json")
     return folders

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.engine import LLM, SamplingParams
 from tests.cluster import Cluster, load, stream_completion, wait_until
 from tests.test_moe_models import build as build_moe
-from tests.test_pd_dp_ep import MAX_TOKENS, PROMPTS, TBO
+from tests.test_pd_dp_ep import MAX_TOKENS, PROMPTS, TBO, one_process
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four CUDA GPUs")
 
@@ -50,17 +49,11 @@ def cluster(case: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
         c.stop()
 
 
-def one_gpu(model: Path) -> list[list[int]]:
-    llm = LLM(str(model), device="cuda", dtype="float32", block_size=4, progress=False)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    return [o.token_ids for o in llm.generate(PROMPTS, params, progress=False)]
-
-
 def test_multi_rank_pd_on_four_gpus_equals_one_gpu(case: tuple[str, Path], cluster: Cluster) -> None:
     layout, model = case
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         results = list(pool.map(lambda p: stream_completion(cluster.url, model.name, p, MAX_TOKENS), PROMPTS))
-    assert [tokens for tokens, _, _ in results] == one_gpu(model)
+    assert [tokens for tokens, _, _ in results] == one_process(model, "cuda")
     (prefill,) = cluster.of_role("prefill")
     (decode,) = cluster.of_role("decode")
     wait_until(lambda: load(decode.address).used_blocks == 0, 10, "the decode worker to free every block")

@@ -32,8 +32,8 @@ WORKER = (
 TBO = ("--tbo", "--tbo-min-prefill-tokens", "8", "--tbo-min-decode-seqs", "2")
 
 
-def one_process(model: Path) -> list[list[int]]:
-    llm = LLM(str(model), device="cpu", dtype="float32", block_size=4, progress=False)
+def one_process(model: Path, device: str = "cpu") -> list[list[int]]:
+    llm = LLM(str(model), device=device, dtype="float32", block_size=4, progress=False)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     return [o.token_ids for o in llm.generate(PROMPTS, params, progress=False)]
 

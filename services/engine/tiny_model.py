@@ -126,18 +126,20 @@ def random_weights(cfg: dict[str, object], seed: int, std: float = 0.15) -> dict
     return w
 
 
-def write_tokenizer(tok: Tokenizer, out: Path) -> None:
+def write_tokenizer(
+    tok: Tokenizer, out: Path, chat_template: str = CHAT_TEMPLATE, eos_token: str = IM_END
+) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": BOS,
-                "eos_token": IM_END,
+                "eos_token": eos_token,
                 "pad_token": EOS,
                 "clean_up_tokenization_spaces": False,
                 "model_max_length": 4096,
-                "chat_template": CHAT_TEMPLATE,
+                "chat_template": chat_template,
             },
             indent=2,
         )

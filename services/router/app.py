@@ -502,9 +502,6 @@ class Spec:
     show_logprobs: bool = True  # False: logprobs were asked for only to rank the samples
     tools: ToolPlan | None = None  # chat: the tool calls to read from each choice's text
 
-    def reader(self) -> CallReader:
-        return self.tools.reader() if self.tools is not None else CallReader()
-
     @property
     def chat(self) -> bool:
         return self.endpoint == "chat"
@@ -673,7 +670,7 @@ async def _collect(
             "finish_reason": s.finish_reason,
         }
         if spec.tools is not None:
-            reader = spec.reader()
+            reader = spec.tools.reader()
             reader.feed(choice["text"])
             reader.finish()
             choice["text"] = reader.message_content()
@@ -752,19 +749,20 @@ def _chat_chunks(
     created: int,
     index: int,
     item: Delta,
-    reader: CallReader,
+    reader: CallReader | None,
     logprobs: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
-    """One worker delta as chat chunks: the content and tool-call deltas its text completes (none while a call
-    is still arriving), the logprobs on the first, the finish reason on the last; at least one chunk."""
+    """One worker delta as chat chunks. Without tool calls to read: one chunk with its text. With them: the
+    content and tool-call deltas its text completes, the logprobs on the first, the finish reason on the last;
+    none while a call is still arriving and there is nothing else to send."""
+    if reader is None:
+        delta = {"content": item.text} if item.text or not item.finish_reason else {}
+        return [R.chat_chunk(rid, spec.model, created, delta, index, item.finish_reason, logprobs)]
     deltas = reader.feed(item.text)
     if item.finish_reason:
         deltas += reader.finish()
-    if not deltas and not item.finish_reason:
-        if spec.tools is None:
-            deltas = [{"content": ""}]
-        elif logprobs is None and not spec.return_token_ids:
-            return []  # a call still arriving: nothing to tell yet
+    elif not deltas and logprobs is None and not spec.return_token_ids:
+        return []
     deltas = deltas or [{}]
     finish = reader.finish_reason(item.finish_reason)
     return [
@@ -793,7 +791,7 @@ async def _stream_events(
                     R.chat_chunk(rid, spec.model, created, {"role": "assistant", "content": ""}, index)
                 )
         fmts = [R.LogprobFormatter(router.tokenizer, spec.chat) for _ in streams]
-        readers = [spec.reader() for _ in streams]
+        readers = [spec.tools.reader() if spec.tools else None for _ in streams]
         ttfts: list[float | None] = [None] * len(streams)
         sent: list[float | None] = [None] * len(streams)  # when each stream's last chunk went out
         itl = router.metrics.itl
