@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -63,6 +65,30 @@ def test_gemv_matches_linear(dtype: torch.dtype, rows: int) -> None:
     for config in (None, (16, 256, 4, 4)):
         got, want = gemv(x, w, b, config).float(), F.linear(x.float(), w.float(), b.float())
         assert torch.allclose(got, want, atol=tol(dtype) * 30, rtol=tol(dtype))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_latent_router_logits_are_the_fp32_matmul_of_the_model_dtype_values(rows: int) -> None:
+    """DeepSeek's router scores fp32 logits of bf16 activations and weights; on GPUs they come from a GEMV (up to
+    4 rows) or a bf16 matmul with fp32 output, with no fp32 copies of either operand. Products of bf16 values are
+    exact in fp32, so only the order of the fp32 sums may differ from casting first."""
+    from services.engine.kernels.gemv import gemv
+    from services.engine.model_config import ModelConfig
+    from services.engine.models.deepseek import Router
+
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = torch.randn(rows, 2048, device=DEVICE).to(dtype)
+    w = torch.randn(64, 2048, device=DEVICE).to(dtype)
+    want = F.linear(x.float(), w.float())
+    if rows <= 4:  # the GEMV's fp32 output (Triton's interpreter without a GPU)
+        got = gemv(x, w, out_dtype=torch.float32)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3, rtol=1e-5)
+    moe = SimpleNamespace(num_experts=64, topk_method="greedy")
+    cfg = cast(ModelConfig, SimpleNamespace(hidden_size=2048, moe=moe))
+    router = Router(cfg).to(DEVICE)
+    router.weight.data = w
+    got = router(x)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -78,13 +78,15 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M <= 4, K] @ weight[N, K]^T (+ bias) -> [M, N]. config: (BLOCK_N, BLOCK_K, warps, stages)."""
+    """x [M <= 4, K] @ weight[N, K]^T (+ bias) -> [M, N] in out_dtype (default x's). config: (BLOCK_N, BLOCK_K,
+    warps, stages)."""
     m, k = x.shape
     n = weight.shape[0]
     block_n, block_k, num_warps, num_stages = config or config_for(n, k)
     assert 1 <= m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,

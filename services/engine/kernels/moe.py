@@ -92,7 +92,10 @@ def _expert_gemm_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    # the column block varies fastest, so the programs running at once share few pair tiles (their rows are read
+    # once) and one or two experts (their weights too); row tiles first re-read every pair row per column block
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tile, n_block = tl.program_id(0) // n_tiles, tl.program_id(0) % n_tiles
     experts = tl.arange(0, BLOCK_E)
     ends = tl.load(ends_ptr + experts, mask=experts < count, other=0)
     starts = tl.load(ends_ptr + experts - 1, mask=(experts > 0) & (experts < count), other=0)
@@ -108,7 +111,7 @@ def _expert_gemm_kernel(
     pair = tl.load(order_ptr + rows, mask=rmask, other=0)
     # the first projection reads the pair's token row (x); the second reads the pair's own row (h)
     a_rows = (pair // TOP_K if GATHER else pair).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < N
     w_cols = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # [1, BLOCK_N]: w[e]^T's columns
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -166,7 +169,7 @@ def expert_gemm(
         block_k, stages = block_k // 2, min(stages, 3)
     if pairs:
         # tiles: at most one per BLOCK_M pairs plus one partial per expert, and never more than the pairs
-        grid = (min(triton.cdiv(pairs, block_m) + count, pairs), triton.cdiv(n, block_n))
+        grid = (min(triton.cdiv(pairs, block_m) + count, pairs) * triton.cdiv(n, block_n),)
         _expert_gemm_kernel[grid](
             a,
             order,

@@ -20,7 +20,14 @@ from torch.nn.attention.bias import causal_lower_right
 from services.engine.attention import BoundAttention
 from services.engine.model_config import ModelConfig
 from services.engine.models.dense import MLP, PACKED
-from services.engine.models.layers import Linear, RMSNorm, RotaryEmbedding, _param, yarn_softmax_scale
+from services.engine.models.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    _fused,
+    _param,
+    yarn_softmax_scale,
+)
 from services.engine.models.moe import MoeForCausalLM, local_experts, route
 from services.engine.parallel.comm import Stage
 from services.engine.parallel.moe import expert_stages
@@ -55,21 +62,30 @@ class MLAttention(nn.Module):
         q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
         compressed, k_rot = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         compressed = self.kv_a_layernorm(compressed)
-        q_rot, latent = attn.rope_latent(self.layer, q_rot, k_rot, compressed, positions, self.rotary)
+        rotated, latent = attn.rope_latent(self.layer, q_rot, k_rot, compressed, positions, self.rotary)
         meta = attn.meta
-        out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
         # one new token each, first in the batch: they attend together, absorbed
         decodes = meta.num_decode_seqs
+        if decodes and decodes == meta.num_seqs:
+            return self.o_proj(self._decode(q_nope, rotated, attn).flatten(1))
+        if rotated is not q_rot:  # rotated out of place: q holds the rotated query from here on
+            q_rot.copy_(rotated)
+        out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
         if decodes:
             out[:decodes] = self._decode(q_nope[:decodes], q_rot[:decodes], attn)
-        if meta.num_seqs > decodes:
-            q = torch.cat([q_nope, q_rot], dim=-1)
+        lens = list(zip(meta.query_lens_cpu[decodes:], meta.seq_lens_cpu[decodes:], strict=True))
+        # prompts with no cached prefix attend over their own latents: expanded for all of them at once
+        fresh = self._expand(latent[decodes:]) if lens and all(n == ctx for n, ctx in lens) else None
         start = decodes
-        for i in range(decodes, meta.num_seqs):
-            n, ctx = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+        for i, (n, ctx) in enumerate(lens, decodes):
             rows = slice(start, start + n)
-            context = latent[rows] if n == ctx else attn.latent_context(self.layer, i).to(latent.dtype)
-            out[rows] = self._attend(q[rows], context, n, ctx)
+            if fresh is not None:
+                local = slice(start - decodes, start - decodes + n)
+                k, v = fresh[0][local], fresh[1][local]
+            else:
+                context = latent[rows] if n == ctx else attn.latent_context(self.layer, i).to(latent.dtype)
+                k, v = self._expand(context)
+            out[rows] = self._attend(q[rows], k, v, n, ctx)
             start += n
         return self.o_proj(out.flatten(1))
 
@@ -86,13 +102,16 @@ class MLAttention(nn.Module):
         out = attn.latent_decode(self.layer, q_latent, q_rot, self.scale)
         return torch.bmm(out.transpose(0, 1), w_v.mT).transpose(0, 1)
 
-    def _attend(self, q: torch.Tensor, latent: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
-        """q [n, H, qk_head_dim] over ctx latents [ctx, latent_dim] -> [n, H, v_head_dim]."""
+    def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [N, latent_dim] -> per-head keys [N, H, qk_head_dim] and values [N, H, v_head_dim]."""
         mla = self.mla
         compressed, k_rot = latent.split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(compressed).unflatten(-1, (self.num_heads, mla.qk_nope_head_dim + mla.v_head_dim))
         k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1)
+        return torch.cat([k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1)], dim=-1), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
+        """q [n, H, qk_head_dim] over ctx keys and values [ctx, H, ...] -> [n, H, v_head_dim]."""
         mask = causal_lower_right(n, ctx) if 1 < n < ctx else None
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
@@ -117,6 +136,16 @@ class Router(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32, as the reference computes them: fp32 products of the model-dtype values, summed
+        in fp32. On GPUs without casting x and the weight first (two copy kernels and a read of x in fp32 each
+        layer): a bf16 product is exact in fp32, so the matmul of the model-dtype values with fp32 accumulation
+        and output is the same computation."""
+        if _fused(x) and x.dim() == 2:
+            from services.engine.kernels.gemv import MAX_ROWS, gemv
+
+            if x.shape[0] <= MAX_ROWS:
+                return gemv(x, self.weight, out_dtype=torch.float32)
+            return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
         return F.linear(x.float(), self.weight.float())
 
 
