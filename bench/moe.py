@@ -16,9 +16,10 @@ Rooflines, from the GPU's copy bandwidth and bf16 matmul rate measured first:
   2 x active parameters x B plus attention over the context (for MLA, the absorbed form: scores and outputs over
   the latent).
 - prefill of L tokens: 2 x active parameters x L plus causal attention, over the matmul rate.
-- host time of an eager prefill forward: the host's own work in its decoder layers (each layer started with the GPU
-  idle, so that no launch waits for a full launch queue) against the GPU time of its kernels (profiler), with
-  the number of kernels it launched and how long the whole forward takes to return.
+- host time of a prefill forward, eager and replayed from prefill graphs: the host's own work (eagerly: in its
+  decoder layers, each started with the GPU idle, so that no launch waits for a full launch queue) against the
+  GPU time of its kernels (profiler), with the number of kernels and how long the forward takes to return.
+Prefills run as the engine runs them: replayed from prefill graphs (pieces between attentions) where captured.
 pdmesh's decode is timed per engine step (scheduling, CUDA-graph replay where captured, sampling); transformers'
 as a forward with its KV cache plus argmax.
 """
@@ -138,49 +139,57 @@ class Shape:
         return flops / hw["matmul_flops"]
 
 
-def host_time(engine: Any, tokens: int, python_profile: bool = False) -> dict[str, float]:
-    """One eager prefill forward of `tokens` (prompts of up to 2048): GPU kernel seconds, the host's own seconds
-    (each layer timed from an idle GPU: once the GPU lags more than the launch queue holds, a launch waits for it,
-    so the time the whole forward takes to return can measure the GPU instead), the seconds it takes to return;
-    `python_profile`: print where the host's time goes (cProfile, by own time)."""
+def host_time(engine: Any, tokens: int, python_profile: bool = False) -> dict[str, dict[str, float]]:
+    """One prefill forward of `tokens` (prompts of up to 2048), eagerly and, where captured, replayed from prefill
+    graphs: GPU kernel seconds, the host's own seconds, the seconds it takes to return. Eagerly the host's own
+    work is timed layer by layer from an idle GPU (once the GPU lags by more launches than the launch queue
+    holds, a launch waits for it, so the time the forward takes to return can measure the GPU instead); replayed,
+    a forward launches a few hundred pieces and kernels, so it returns when the host is done.
+    `python_profile`: print where the eager host's time goes (cProfile, by own time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     runner = engine.runner
     h = prefill_inputs(tokens, min(tokens, 2048), 0)
     h.token_ids[:] %= engine.model_config.vocab_size
+    graphs = runner.prefill_graphs
+    results: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        for _ in range(2):
-            runner.forward_eager(h)
-        torch.cuda.synchronize()
-        returns, walls, works = [], [], []
-        for _ in range(3):
-            start = time.perf_counter()
-            runner.forward_eager(h)
-            returns.append(time.perf_counter() - start)
-            torch.cuda.synchronize()
-            walls.append(time.perf_counter() - start)
-            works.append(host_work(runner, h))
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            runner.forward_eager(h)
-            torch.cuda.synchronize()
-        if python_profile:
-            import cProfile
-            import pstats
-
-            with cProfile.Profile() as py:
+        for mode in ("eager", "graphs") if graphs is not None and graphs.bucket(tokens) else ("eager",):
+            runner.prefill_graphs = graphs if mode == "graphs" else None
+            for _ in range(2):
                 runner.forward_eager(h)
             torch.cuda.synchronize()
-            pstats.Stats(py).sort_stats("tottime").print_stats(30)
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    gpu = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-    return {
-        "host_s": min(works),
-        "return_s": min(returns),
-        "wall_s": min(walls),
-        "gpu_s": gpu,
-        "kernels": len(kernels),
-    }
+            returns, walls, works = [], [], []
+            for _ in range(3):
+                start = time.perf_counter()
+                runner.forward_eager(h)
+                returns.append(time.perf_counter() - start)
+                torch.cuda.synchronize()
+                walls.append(time.perf_counter() - start)
+                if mode == "eager":
+                    works.append(host_work(runner, h))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                runner.forward_eager(h)
+                torch.cuda.synchronize()
+            if python_profile and mode == "eager":
+                import cProfile
+                import pstats
+
+                with cProfile.Profile() as py:
+                    runner.forward_eager(h)
+                torch.cuda.synchronize()
+                pstats.Stats(py).sort_stats("tottime").print_stats(30)
+            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            results[mode] = {
+                "host_s": min(works or returns),
+                "return_s": min(returns),
+                "wall_s": min(walls),
+                "gpu_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
+                "kernels": len(kernels),
+            }
+    runner.prefill_graphs = graphs
+    return results
 
 
 def host_work(runner: Any, h: Any) -> float:
@@ -267,13 +276,13 @@ def report(
         roof, ours_s = shape.prefill_roofline(hw, t), ours["prefill_s"][t]
         hf = theirs["prefill_s"][t] if theirs else float("nan")
         print(f"{t:>6} {ours_s:>9.3f} {roof:>9.3f} {roof / ours_s:>11.0%} {hf:>13.3f} {hf / ours_s:>8.2f}x")
-    h = ours["host"]
-    print(
-        f"Eager prefill forward of {args.host_tokens} tokens: host {h['host_s'] * 1e3:.1f} ms (its layers' own work), "
-        f"GPU kernels {h['gpu_s'] * 1e3:.1f} ms (host {h['host_s'] / h['gpu_s']:.0%} of GPU), returns after "
-        f"{h['return_s'] * 1e3:.1f} ms, wall {h['wall_s'] * 1e3:.1f} ms, {h['kernels']} kernels",
-        flush=True,
-    )
+    for mode, h in ours["host"].items():
+        print(
+            f"Prefill forward of {args.host_tokens} tokens, {mode}: host {h['host_s'] * 1e3:.1f} ms, GPU kernels "
+            f"{h['gpu_s'] * 1e3:.1f} ms (host {h['host_s'] / h['gpu_s']:.0%} of GPU), returns after "
+            f"{h['return_s'] * 1e3:.1f} ms, wall {h['wall_s'] * 1e3:.1f} ms, {h['kernels']} kernels",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ class EngineConfig:
     cuda_graph_sizes: tuple[int, ...] | None = (
         None  # the batch sizes captured (default: buckets up to the max)
     )
+    # with cuda_graphs on one rank: other steps (prefill, mixed) replayed from graphs cut at each attention, for
+    # token counts in buckets up to max_num_batched_tokens
+    prefill_graphs: bool = True
     overlap_scheduling: bool = True  # with CUDA graphs: launch the next decode step before reading this one
     load_format: str = "safetensors"  # safetensors | dummy (random weights: benchmarks, no checkpoint read)
     parallel: ParallelConfig = field(

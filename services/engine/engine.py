@@ -217,6 +217,9 @@ class Engine:
             ]
             if sizes:
                 runner.capture_graphs(sizes, -(-max_model_len // config.block_size), config.progress)
+            # pieces hold no collectives, and the experts must be this package's kernels
+            if config.prefill_graphs and config.parallel.world == 1 and config.moe_backend == "torch":
+                runner.capture_prefill_graphs(config.max_num_batched_tokens, config.progress)
         return runner
 
     @property

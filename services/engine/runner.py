@@ -14,6 +14,7 @@ from services.engine.attention import AttentionBackend, AttentionMetadata, Bound
 from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.parallel.comm import Stage, run
 from services.engine.parallel.state import ParallelState
+from services.engine.prefill_graphs import PrefillGraphs
 from services.engine.sampler import Sampler, SamplingBatch
 from services.engine.scheduler import Batch
 from services.engine.sequence import PLACEHOLDER, Sequence
@@ -84,9 +85,11 @@ class ModelRunner:
             fixed_dispatch  # expert-parallel ranks exchange a fixed number of rows per batch
         )
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.num_computed_tokens = 0  # every token the model has run on, for accounting and tests
         self.num_computed_prompt_tokens = 0  # of which prompt positions (a decode worker must compute none)
         self.num_graph_steps = 0
+        self.num_prefill_graph_steps = 0  # forwards replayed from prefill graphs (in pieces)
         self.num_tbo_steps = 0  # forwards run as two overlapped micro-batches
 
     def capture_graphs(self, sizes: list[int], max_blocks_per_seq: int, progress: bool) -> None:
@@ -100,6 +103,9 @@ class ModelRunner:
             self.tbo.min_decode_seqs if self.tbo.enabled else None,
             self.fixed_dispatch,
         )
+
+    def capture_prefill_graphs(self, max_tokens: int, progress: bool) -> None:
+        self.prefill_graphs = PrefillGraphs(self.model, self.backend, max_tokens, self.device, progress)
 
     def host_inputs(self, batch: Batch) -> HostInputs:
         if all(item.num_new_tokens == 1 for item in batch.items):
@@ -183,13 +189,19 @@ class ModelRunner:
         return plan_step(self.parallel, h.query_lens, self.tbo)
 
     def forward_eager(self, h: HostInputs, plan: StepPlan | None = None) -> torch.Tensor:
-        """Hidden states of every row, [T, hidden]; as two overlapped micro-batches when every rank agrees."""
+        """Hidden states of every row, [T, hidden], for a step no decode graph runs: as two overlapped
+        micro-batches when every rank agrees, else replayed from prefill graphs where captured, else eagerly."""
         plan = plan or self.plan(h)
         if plan.split is not None:
             first, second = split_inputs(h, plan.split)
             self.num_tbo_steps += 1
             a, b = interleave(self._stages(first, plan.rows[0]), self._stages(second, plan.rows[1]))
             return torch.cat([a, b])
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.bucket(len(h.token_ids)) is not None:
+            self.num_prefill_graph_steps += 1
+            attn = BoundAttention(self.backend, self.metadata(h))
+            return graphs.run(h.token_ids, h.positions, h.slots, attn)
         return run(self._stages(h, plan.rows[0]))
 
     def _stages(self, h: HostInputs, rows: int) -> Stage[torch.Tensor]:

@@ -10,6 +10,7 @@ A layer calls, in order: `rope_and_store` (rotate q and k by position, write k a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,6 +154,9 @@ class AttentionBackend(ABC):
         """q: [T, Hq, D] (k/v: this batch's new [T, Hkv, D], already in the cache) -> [T, Hq, D]."""
 
 
+Eager = Callable[..., torch.Tensor]  # (BoundAttention, *tensors) -> tensor
+
+
 @dataclass(frozen=True)
 class BoundAttention:
     """A backend bound to one batch's metadata: what a model's attention layers call."""
@@ -162,6 +166,17 @@ class BoundAttention:
     # rows every expert-parallel rank exchanges for this (micro-)batch: the most tokens any data-parallel rank
     # has in it (fixed-shape dispatch); None: exact all-to-all
     dispatch_rows: int | None = None
+    # while a forward is captured in pieces (prefill_graphs.py): ends the piece at each `eager` part
+    cut: Callable[[Eager, tuple[torch.Tensor, ...]], torch.Tensor] | None = None
+
+    def eager(self, fn: Eager, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(self, *inputs): the part of a layer that reads the batch's sequences (attention over each one's
+        context), which a graph captured for a token count cannot replay. Runs now; while a forward is captured
+        in pieces, it runs between two of them instead (see prefill_graphs.py), so fn must read the batch only
+        through the BoundAttention it is given and the tensors only through `inputs`."""
+        if self.cut is None:
+            return fn(self, *inputs)
+        return self.cut(fn, inputs)
 
     def rope_and_store(
         self,
@@ -176,7 +191,7 @@ class BoundAttention:
         return self.backend.rope_and_store(layer, q, k, v, positions, rotary, self.meta, norms)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.backend.attend(layer, q, k, v, self.meta)
+        return self.eager(lambda attn, q, k, v: attn.backend.attend(layer, q, k, v, attn.meta), q, k, v)
 
     def store_latent(self, layer: int, latent: torch.Tensor) -> None:
         self.backend.store_latent(layer, latent, self.meta)

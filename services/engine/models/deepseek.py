@@ -59,23 +59,30 @@ class MLAttention(nn.Module):
         mla, heads = self.mla, self.num_heads
         q = self.q_proj(x) if mla.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.unflatten(-1, (heads, mla.qk_head_dim))
-        q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        q_rot = q[..., mla.qk_nope_head_dim :]
         compressed, k_rot = self.kv_a_proj_with_mqa(x).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
         compressed = self.kv_a_layernorm(compressed)
         rotated, latent = attn.rope_latent(self.layer, q_rot, k_rot, compressed, positions, self.rotary)
-        meta = attn.meta
-        # one new token each, first in the batch: they attend together, absorbed
-        decodes = meta.num_decode_seqs
-        if decodes and decodes == meta.num_seqs:
-            return self.o_proj(self._decode(q_nope, rotated, attn).flatten(1))
         if rotated is not q_rot:  # rotated out of place: q holds the rotated query from here on
             q_rot.copy_(rotated)
-        out = q.new_empty(q.shape[0], heads, mla.v_head_dim)
+        return self.o_proj(attn.eager(self._attention, q, latent).flatten(1))
+
+    def _attention(self, attn: BoundAttention, q: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """q [T, H, qk_head_dim] (rotated), the batch's latents [T, latent_dim] -> [T, H, v_head_dim]. Decodes (one
+        new token each, first in the batch) attend together, absorbed; prompts over keys and values expanded from
+        the latents. Rows past the batch's tokens (padding) are left unwritten."""
+        mla, meta = self.mla, attn.meta
+        q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        decodes = meta.num_decode_seqs
+        if decodes and decodes == meta.num_seqs:
+            return self._decode(q_nope, q_rot, attn)
+        out = q.new_empty(q.shape[0], self.num_heads, mla.v_head_dim)
         if decodes:
             out[:decodes] = self._decode(q_nope[:decodes], q_rot[:decodes], attn)
         lens = list(zip(meta.query_lens_cpu[decodes:], meta.seq_lens_cpu[decodes:], strict=True))
+        end = decodes + sum(n for n, _ in lens)
         # prompts with no cached prefix attend over their own latents: expanded for all of them at once
-        fresh = self._expand(latent[decodes:]) if lens and all(n == ctx for n, ctx in lens) else None
+        fresh = self._expand(latent[decodes:end]) if lens and all(n == ctx for n, ctx in lens) else None
         start = decodes
         for i, (n, ctx) in enumerate(lens, decodes):
             rows = slice(start, start + n)
@@ -87,7 +94,7 @@ class MLAttention(nn.Module):
                 k, v = self._expand(context)
             out[rows] = self._attend(q[rows], k, v, n, ctx)
             start += n
-        return self.o_proj(out.flatten(1))
+        return out
 
     def _decode(self, q_nope: torch.Tensor, q_rot: torch.Tensor, attn: BoundAttention) -> torch.Tensor:
         """One query token per sequence, [S, H, ...] -> [S, H, v_head_dim].
