@@ -124,6 +124,7 @@ class PrefillGraphs:
             )
         )
         torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-up's blocks back to the device, for the graphs' pool to take
         pieces: list[torch.cuda.CUDAGraph] = []
         cuts: list[tuple[Eager, tuple[torch.Tensor, ...], torch.Tensor]] = []
 
