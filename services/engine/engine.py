@@ -127,7 +127,7 @@ class Engine:
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         log.info(
             "engine ready in %.1fs: %s (%s) on %s, %s, %d KV blocks of %d tokens, max_model_len %d, role %s, "
-            "attention %s, CUDA graphs %s",
+            "attention %s, CUDA graphs %s, prefill graphs %s",
             time.monotonic() - started,
             self.model_config.architecture,
             config.model,
@@ -139,6 +139,7 @@ class Engine:
             config.role,
             self.attention_backend,
             "on" if self.runner.graphs is not None else "off",
+            "on" if self.runner.prefill_graphs is not None else "off",
         )
 
     # ---- start-up steps ----------------------------------------------------------------------------------
