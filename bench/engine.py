@@ -1,6 +1,7 @@
 """Engine speed on one GPU against the hardware roofline and `transformers`, measured in one run.
 
     python bench/engine.py [--batches 1,8,32,128,256] [--context 1024] [--prefill 1024,8192,32768] [--out r.json]
+                           [--skip-transformers] [--no-prefill-graphs]
 
 The model has Llama-3.1-8B's shape (32 layers, hidden 4096, 32 q / 8 kv heads, MLP 14336, vocab 128256) with
 random bf16 weights made on the GPU (no checkpoint is read). Measured first: the GPU's copy bandwidth and bf16
@@ -125,6 +126,7 @@ def bench_pdmesh(
     profile: bool = False,
     kv_gb: float = 48,
     extra: Callable[[Any], None] | None = None,
+    prefill_graphs: bool = True,
 ) -> dict:
     """Decode steps at each batch and prefills of each length through the engine; `extra(engine)` runs last."""
     from services.engine import Engine, EngineConfig, SamplingParams
@@ -140,6 +142,7 @@ def bench_pdmesh(
             kv_cache_memory_gb=kv_gb,
             enable_prefix_caching=False,
             progress=True,
+            prefill_graphs=prefill_graphs,
         )
     )
     gen = torch.Generator().manual_seed(0)
@@ -259,6 +262,7 @@ def main() -> None:
     ap.add_argument("--prefill", default="1024,8192,32768")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--no-prefill-graphs", action="store_true", help="run prefills eagerly")
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of each decode batch")
     ap.add_argument("--out", help="write the numbers as JSON here")
     args = ap.parse_args()
@@ -272,7 +276,13 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         ours = bench_pdmesh(
-            write_model_dir(Path(tmp)), batches, args.context, prefills, args.steps, args.profile
+            write_model_dir(Path(tmp)),
+            batches,
+            args.context,
+            prefills,
+            args.steps,
+            args.profile,
+            prefill_graphs=not args.no_prefill_graphs,
         )
     theirs = (
         None if args.skip_transformers else bench_transformers(batches, args.context, prefills, args.steps)

@@ -153,6 +153,12 @@ def host_time(engine: Any, tokens: int, python_profile: bool = False) -> dict[st
     h = prefill_inputs(tokens, min(tokens, 2048), 0)
     h.token_ids[:] %= engine.model_config.vocab_size
     graphs = runner.prefill_graphs
+    if graphs is not None:
+        print("prefill graphs' start-up timing, token count: eager / replayed ms (replayed where faster):")
+        for size, (eager, replay) in sorted(graphs.timings.items()):
+            print(
+                f"  {size:>6}: {eager * 1e3:8.2f} / {replay * 1e3:8.2f}{'' if replay > eager else '  replayed'}"
+            )
     results: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for mode in ("eager", "graphs") if graphs is not None and graphs.bucket(tokens) else ("eager",):

@@ -18,11 +18,16 @@ Contract:
   output from one; the buffers are shared by every layer and bucket (layers run one after another);
 - static input buffers (token ids, positions, slots) are filled before the first piece; the final hidden states
   are a static buffer, valid until the next replay;
+- after capture, each token count is timed replayed and eagerly (from an idle GPU to the GPU's end, so the host's
+  time and the copies through the buffers both count); its graphs are kept only where replaying is faster;
 - one rank only (no collectives) and no two-batch overlap: those forwards run eagerly.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -33,6 +38,8 @@ from tqdm import tqdm
 from services.engine.attention import AttentionBackend, AttentionMetadata, BoundAttention
 from services.engine.attention.base import Eager
 from services.engine.parallel.comm import run
+
+log = logging.getLogger(__name__)
 
 # token counts captured: fine steps where the host dominates, coarser ones where padding costs GPU time
 BUCKETS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
@@ -63,6 +70,7 @@ class PrefillGraphs:
         self.pieces: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.cuts: dict[int, list[tuple[Eager, tuple[torch.Tensor, ...], torch.Tensor]]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
+        self.timings: dict[int, tuple[float, float]] = {}  # token count -> (eager, replayed) seconds
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         with torch.inference_mode():
@@ -74,9 +82,26 @@ class PrefillGraphs:
             ):
                 self._capture(size, pool, stream)
         torch.cuda.synchronize(device)
+        for size, (eager, replay) in self.timings.items():
+            # dropped only now: a pool whose graphs are all gone is released, and later captures would need it
+            if (
+                replay > eager
+            ):  # the GPU's extra copies cost more than the host's launches: run this size eagerly
+                del self.pieces[size], self.cuts[size], self.hidden[size]
+        log.info(
+            "prefill graphs replay %d of %d token counts (faster than eager there): %s",
+            len(self.pieces),
+            len(self.sizes),
+            ", ".join(
+                f"{size} {eager * 1e3:.1f}/{replay * 1e3:.1f} ms"
+                for size, (eager, replay) in sorted(self.timings.items())
+            ),
+        )
 
     def bucket(self, tokens: int) -> int | None:
-        return next((b for b in self.sizes if b >= tokens), None) if tokens else None
+        """The token count whose graphs run `tokens` tokens; None: run them eagerly."""
+        size = next((b for b in self.sizes if b >= tokens), None) if tokens else None
+        return size if size in self.pieces else None
 
     def _buffer(self, key: Hashable, like: torch.Tensor) -> torch.Tensor:
         """The static buffer `key` for tensors shaped like `like` ([tokens, ...]), as a view of like's rows;
@@ -150,6 +175,20 @@ class PrefillGraphs:
             pieces[-1].capture_end()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.pieces[size], self.cuts[size], self.hidden[size] = pieces, cuts, hidden
+        eager = self._seconds(lambda: run(self.model.stages(ids, positions, warm)))
+        replay = self._seconds(lambda: self._replay(size, size, warm))
+        self.timings[size] = (eager, replay)
+
+    def _seconds(self, forward: Callable[[], object]) -> float:
+        """The best of three forwards, each from an idle GPU to the end of its work."""
+        best = math.inf
+        for _ in range(3):
+            torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            forward()
+            torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - start)
+        return best
 
     def run(
         self, token_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, attn: BoundAttention
@@ -163,6 +202,9 @@ class PrefillGraphs:
         host[0, :n], host[1, :n], host[2, :n] = token_ids, positions, slots
         host[2, n:] = -1  # padded rows store nothing
         self.inputs[:, :size].copy_(torch.from_numpy(host), non_blocking=True)
+        return self._replay(size, n, attn)
+
+    def _replay(self, size: int, n: int, attn: BoundAttention) -> torch.Tensor:
         cuts = self.cuts[size]
         for i, piece in enumerate(self.pieces[size]):
             piece.replay()
