@@ -119,3 +119,34 @@ def test_latent_cache_layout(tmp_path: Path) -> None:
     layout = llm.engine.kv_cache.layout
     assert (layout.parts, layout.num_kv_heads, layout.head_dim) == (1, 1, 16 + 8)
     assert "P1" in llm.engine.layout_fingerprint
+
+
+def test_latent_attention_of_a_padded_decode_batch_reads_only_its_rows(tmp_path: Path) -> None:
+    """Prefill graphs hand a layer's attention static buffers longer than the batch (padding rows past its
+    tokens): a batch of decodes only attends over its own sequences and gives what the unpadded rows give."""
+    from services.engine.attention import AttentionMetadata, BoundAttention
+
+    build("deepseek_v2", tmp_path)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", block_size=4, num_blocks=64, progress=False)
+    engine = llm.engine
+    mla = engine.model.model.layers[1].self_attn
+    cache = engine.kv_cache.latent(1)
+    torch.manual_seed(0)
+    cache.copy_(torch.randn_like(cache))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([20, 38]),
+        query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+        seq_lens=torch.tensor([5, 11], dtype=torch.int32),
+        block_tables=torch.tensor([[3, 5, 0], [7, 8, 9]], dtype=torch.int32),
+        query_lens_cpu=(1, 1),
+        seq_lens_cpu=(5, 11),
+        num_decode_seqs=2,
+    )
+    attn = BoundAttention(engine.runner.backend, meta)
+    heads, dims = mla.num_heads, mla.mla
+    q = torch.randn(6, heads, dims.qk_head_dim)  # 2 decodes, 4 rows of padding
+    latent = torch.randn(6, dims.latent_dim)
+    with torch.no_grad():
+        padded = mla._attention(attn, q, latent)
+        alone = mla._attention(attn, q[:2], latent[:2])
+    assert padded.shape[0] >= 2 and torch.equal(padded[:2], alone)

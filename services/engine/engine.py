@@ -505,7 +505,9 @@ class Engine:
             # this process's share of the GPU, and never more than is free (other processes may share the GPU);
             # what the forward pass needs at its peak is kept back
             free, total = torch.cuda.mem_get_info(device)
-            reserve = GPU_ACTIVATION_RESERVE_GB * 2**30 + 2 * self._activation_bytes(dtype)
+            # prefill graphs keep one forward's transient memory in their pool for good
+            graphs = cfg.cuda_graphs and cfg.prefill_graphs and cfg.parallel.world == 1
+            reserve = GPU_ACTIVATION_RESERVE_GB * 2**30 + (3 if graphs else 2) * self._activation_bytes(dtype)
             own = torch.cuda.memory_reserved(device)
             budget = min(total * cfg.gpu_memory_utilization - own, free) - reserve
         else:

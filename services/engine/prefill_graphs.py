@@ -71,6 +71,7 @@ class PrefillGraphs:
         self.cuts: dict[int, list[tuple[Eager, tuple[torch.Tensor, ...], torch.Tensor]]] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         self.timings: dict[int, tuple[float, float]] = {}  # token count -> (eager, replayed) seconds
+        self._capture_meta: dict[int, AttentionMetadata] = {}
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         with torch.inference_mode():
@@ -175,6 +176,9 @@ class PrefillGraphs:
             pieces[-1].capture_end()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.pieces[size], self.cuts[size], self.hidden[size] = pieces, cuts, hidden
+        # NOTE: the pieces read only slot_mapping of this metadata (a view of the static inputs) today; the rest
+        # is kept alive too, so a backend that ever reads more from a piece reads stale values, not freed memory
+        self._capture_meta[size] = meta
         eager = self._seconds(lambda: run(self.model.stages(ids, positions, warm)))
         replay = self._seconds(lambda: self._replay(size, size, warm))
         self.timings[size] = (eager, replay)

@@ -74,8 +74,8 @@ class MLAttention(nn.Module):
         mla, meta = self.mla, attn.meta
         q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
         decodes = meta.num_decode_seqs
-        if decodes and decodes == meta.num_seqs:
-            return self._decode(q_nope, q_rot, attn)
+        if decodes and decodes == meta.num_seqs:  # rows past the decodes: padding (prefill graphs)
+            return self._decode(q_nope[:decodes], q_rot[:decodes], attn)
         out = q.new_empty(q.shape[0], self.num_heads, mla.v_head_dim)
         if decodes:
             out[:decodes] = self._decode(q_nope[:decodes], q_rot[:decodes], attn)
@@ -150,7 +150,7 @@ class Router(nn.Module):
         if _fused(x) and x.dim() == 2:
             from services.engine.kernels.gemv import MAX_ROWS, gemv
 
-            if x.shape[0] <= MAX_ROWS:
+            if 1 <= x.shape[0] <= MAX_ROWS:
                 return gemv(x, self.weight, out_dtype=torch.float32)
             return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
         return F.linear(x.float(), self.weight.float())
