@@ -63,3 +63,28 @@ def test_prefill_graphs_match_transformers_and_eager_steps(
     want = [hf_generate(hf.eval(), prompt, 8)[0] for prompt in first + again]
     assert outputs[True] == want
     assert outputs[False] == want
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek_v2"])
+def test_decode_batches_beyond_the_decode_graphs_replay_in_pieces(
+    name: str, tmp_path: Path, llama_checkpoint: Path
+) -> None:
+    """Decode batches larger than the largest decode graph run through the prefill graphs, padded: the latent
+    decode must read the batch's sequences only (greedy tokens equal to `transformers`)."""
+    from services.engine import LLM, SamplingParams
+    from tests.test_models_vs_transformers import hf_generate
+
+    path, hf = _model(name, tmp_path, llama_checkpoint)
+    prompts = [[0, *range(5, 5 + n)] for n in (3, 9, 17, 30, 41)]
+    llm = LLM(
+        str(path),
+        device="cuda",
+        dtype="float32",
+        block_size=4,
+        max_model_len=256,
+        cuda_graph_max_batch=2,
+        progress=False,
+    )
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert llm.engine.runner.num_prefill_graph_steps > 0
+    assert [o.token_ids for o in outs] == [hf_generate(hf.eval(), p, 6)[0] for p in prompts]
