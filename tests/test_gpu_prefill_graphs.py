@@ -10,6 +10,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="prefill graphs are captured on GPUs only")
+FP32_GPU = dict(device="cuda", dtype="float32", block_size=4, progress=False)  # engine options of every test
 
 
 def _model(name: str, tmp_path: Path, llama_checkpoint: Path):  # type: ignore[no-untyped-def]
@@ -41,14 +42,7 @@ def test_prefill_graphs_match_transformers_and_eager_steps(
         [*p, *((7 * i + 11) % vocab for i in range(k))] for p, k in zip(first[1:], (5, 30, 70), strict=True)
     ]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    common = dict(
-        device="cuda",
-        dtype="float32",
-        block_size=4,
-        max_model_len=512,
-        max_num_batched_tokens=188,
-        progress=False,
-    )
+    common = dict(FP32_GPU, max_model_len=512, max_num_batched_tokens=188)
     outputs = {}
     for graphs in (True, False):
         llm = LLM(str(path), attention_backend="triton", prefill_graphs=graphs, **common)
@@ -76,15 +70,7 @@ def test_decode_batches_beyond_the_decode_graphs_replay_in_pieces(
 
     path, hf = _model(name, tmp_path, llama_checkpoint)
     prompts = [[0, *range(5, 5 + n)] for n in (3, 9, 17, 30, 41)]
-    llm = LLM(
-        str(path),
-        device="cuda",
-        dtype="float32",
-        block_size=4,
-        max_model_len=256,
-        cuda_graph_max_batch=2,
-        progress=False,
-    )
+    llm = LLM(str(path), max_model_len=256, cuda_graph_max_batch=2, **FP32_GPU)
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert llm.engine.runner.num_prefill_graph_steps > 0
     assert [o.token_ids for o in outs] == [hf_generate(hf.eval(), p, 6)[0] for p in prompts]
